@@ -1,0 +1,118 @@
+"""Validation and weighted averaging of state_dicts: torch only, no I/O.
+
+How the average is computed, and why:
+- Weights are integers (numbers of training examples). Each update's fraction
+  p_i = w_i / W is one correctly rounded division of exact integers, so scaling
+  every weight by the same integer gives bit-identical fractions and results.
+- Every element is accumulated in float64 as a fold over the updates in
+  canonical order (sorted client ids): term_i = float64(x_i) * p_i, acc += term_i,
+  as two separate elementwise operations (never a fused multiply-add). The
+  result therefore depends only on the set of updates, never on arrival order
+  or thread interleaving, and is the same whether a tensor is folded whole or
+  in blocks: the server folds fixed-size blocks streamed from disk, so its
+  memory does not grow with the number of clients.
+- Float entries (float32/16, bfloat16, float64) are cast back to their dtype
+  (round to nearest even). For float32 and narrower the float64 accumulator
+  carries far more precision than the result, so the mean of N identical copies
+  is exactly the copy.
+- Policy for non-float entries (int64 buffers such as BatchNorm's
+  num_batches_tracked, other integers, bool): the same weighted mean, rounded
+  half to even and cast back; for bool that is a weighted majority vote with
+  ties going to False. Integers beyond 2**53 in magnitude lose precision.
+
+Imports torch, errors and codec (for specs); must not import grpc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from paramserver.codec import ModelSpec, check_specs_match, spec_of
+from paramserver.errors import AveragingError, MalformedUpdateError
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def weight_fractions(weights: Sequence[int]) -> list[float]:
+    """p_i = w_i / sum(w). Raises AveragingError for no weights, a negative or
+    non-integer weight, or a zero total."""
+    if not weights:
+        raise AveragingError("no updates to average")
+    for w in weights:
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise AveragingError(f"weights must be non-negative integers, got {w!r}")
+    total = sum(weights)
+    if total == 0:
+        raise AveragingError("total weight is zero")
+    return [w / total for w in weights]  # int / int is correctly rounded in Python
+
+
+def fold(fractions: Sequence[float], blocks: Iterable[torch.Tensor],
+         dtype: torch.dtype) -> torch.Tensor:
+    """The weighted sum of `blocks` (consumed lazily, one at a time), cast to
+    `dtype` by the module's policy. Elementwise: folding a tensor whole or in
+    slices gives the same bits."""
+    acc: torch.Tensor | None = None
+    for p, block in zip(fractions, blocks, strict=True):
+        term = block.to(torch.float64) * p
+        if acc is None:
+            acc = term
+        else:
+            acc += term
+    if acc is None:
+        raise AveragingError("no updates to average")
+    return cast_result(acc, dtype)
+
+
+def cast_result(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return acc.to(dtype)
+    return torch.round(acc).to(dtype)
+
+
+def check_finite(state_dict: StateDict) -> None:
+    """Raises MalformedUpdateError naming the first tensor with NaN or Inf."""
+    for name, tensor in state_dict.items():
+        if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
+            raise MalformedUpdateError("contains NaN or Inf", tensor=name)
+
+
+def validate_state_dict(state_dict: StateDict, expected: ModelSpec) -> None:
+    """Raises MalformedUpdateError unless `state_dict` has exactly the expected
+    names (in order), dtypes and shapes, and only finite floats."""
+    check_specs_match(spec_of(state_dict), expected)
+    check_finite(state_dict)
+
+
+def average_state_dicts(updates: Mapping[str, tuple[int, StateDict]],
+                        expected: ModelSpec | None = None) -> dict[str, torch.Tensor]:
+    """The weighted average of in-memory updates, keyed by client id, each a
+    (weight, state_dict) pair. Visits clients in sorted order, so the mapping's
+    order does not matter. `expected` defaults to the first client's specs.
+
+    Raises AveragingError (no updates, bad weights) or MalformedUpdateError
+    (mismatched names, dtypes or shapes, NaN or Inf), naming the tensor."""
+    if not updates:
+        raise AveragingError("no updates to average")
+    order = sorted(updates)
+    if expected is None:
+        expected = spec_of(updates[order[0]][1])
+    for client in order:
+        validate_state_dict(updates[client][1], expected)
+    fractions = weight_fractions([updates[c][0] for c in order])
+    return {
+        spec.name: fold(fractions, (updates[c][1][spec.name] for c in order), spec.dtype)
+        for spec in expected
+    }
+
+
+def average_metrics(fractions: Sequence[float],
+                    metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Weighted means of the metrics every update reports, in the given order."""
+    if not metrics:
+        return {}
+    keys = set(metrics[0]).intersection(*metrics[1:])
+    return {k: sum(p * m[k] for p, m in zip(fractions, metrics, strict=True))
+            for k in sorted(keys)}

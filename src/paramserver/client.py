@@ -1,0 +1,189 @@
+"""The client library: one method per RPC, a deadline on every call, retries
+with exponential backoff and jitter for UNAVAILABLE, and status codes turned
+back into our errors.
+
+gRPC's transparent retries cannot replay a large client stream, so the retry
+is ours; it is safe because the server acknowledges a re-sent identical update
+(same SHA-256) as a duplicate and counts it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+import torch
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from paramserver import codec, errors
+from paramserver.v1 import parameter_server_pb2 as pb
+from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
+
+log = logging.getLogger("paramserver.client")
+
+T = TypeVar("T")
+
+# Codes worth retrying: the server is not there (yet, or any more).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+# The inverse of server.STATUS_BY_ERROR, for errors whose details are missing.
+ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.ParamServerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.MalformedUpdateError,
+    grpc.StatusCode.NOT_FOUND: errors.UnknownClientError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.RoundError,
+    grpc.StatusCode.ALREADY_EXISTS: errors.ConflictingUpdateError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.CapacityError,
+    grpc.StatusCode.ABORTED: errors.RoundAbortedError,
+}
+_ERRORS_BY_NAME = {
+    cls.__name__: cls for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, errors.ParamServerError)
+}
+
+
+class RemoteError(errors.ParamServerError):
+    """A call failed with a status that maps to none of our errors
+    (UNAVAILABLE after the last retry, DEADLINE_EXCEEDED, INTERNAL...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, initial * multiplier**attempt)]."""
+        cap = min(self.max_backoff, self.initial_backoff * self.multiplier ** attempt)
+        return random.uniform(0, cap)
+
+
+@dataclass(frozen=True)
+class Registration:
+    client_id: str
+    first_round: int
+    total_rounds: int
+    specs: codec.ModelSpec
+
+
+@dataclass(frozen=True)
+class Ack:
+    round: int
+    duplicate: bool
+    received: int
+    expected: int
+
+
+@dataclass
+class ParameterServerClient:
+    """A connection to one server. Use as a context manager, or call close()."""
+
+    address: str
+    timeout: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    chunk_size: int = codec.DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self) -> None:
+        self._channel = grpc.insecure_channel(self.address)
+        self._stub = pb_grpc.ParameterServerStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def __enter__(self) -> ParameterServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def register(self, name: str) -> Registration:
+        """Raises InvalidClientNameError (as MalformedUpdateError), CapacityError."""
+        reply = self._call(lambda: self._stub.RegisterClient(
+            pb.RegisterClientRequest(client_name=name), timeout=self.timeout))
+        return Registration(reply.client_id, reply.first_round, reply.total_rounds,
+                            codec.specs_from_proto(reply.tensors))
+
+    def send_update(self, client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
+                    num_examples: int, metrics: Mapping[str, float] | None = None) -> Ack:
+        """Uploads an update, retrying on UNAVAILABLE (safe: see module doc)."""
+        views = codec.payload_views(state_dict)
+        header = codec.UpdateHeader(client_id, round, num_examples, codec.spec_of(state_dict),
+                                    codec.payload_digest(views), dict(metrics or {}))
+        reply = self._call(lambda: self._stub.SendUpdate(
+            codec.update_requests(header, views, self.chunk_size), timeout=self.timeout))
+        return Ack(reply.round, reply.duplicate, reply.received, reply.expected)
+
+    def get_model(self, client_id: str, round: int, timeout: float | None = None,
+                  ) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:
+        """The global model after `round`, waiting up to `timeout` for the round
+        to close. Raises DecodeError/MalformedUpdateError if the stream is bad."""
+        request = pb.GetAveragedModelRequest(client_id=client_id, round=round)
+        return self._call(lambda: _receive_model(
+            self._stub.GetAveragedModel(request, timeout=timeout or self.timeout)))
+
+    def _call(self, call: Callable[[], T]) -> T:
+        for attempt in range(self.retry.attempts):
+            try:
+                return call()
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE or attempt + 1 == self.retry.attempts:
+                    raise error_from_rpc(error) from None
+                delay = self.retry.backoff(attempt)
+                log.info("server unavailable (%s); retry %d in %.2fs",
+                         error.details(), attempt + 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _receive_model(responses: object) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:
+    stream = iter(responses)  # type: ignore[call-overload]
+    first = next(stream, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise errors.DecodeError("a GetAveragedModel stream must start with a ModelHeader")
+    header = codec.model_header_from_proto(first.header)
+    checker = codec.PayloadChecker(header.specs, header.sha256)
+    payload = bytearray()
+    for response in stream:
+        if response.WhichOneof("part") != "data":
+            raise errors.DecodeError("ModelHeader sent twice in one stream")
+        checker.feed(response.data)
+        payload += response.data
+    checker.finish()
+    return header, codec.state_dict_from_payload(header.specs, payload)
+
+
+def error_from_rpc(error: grpc.RpcError) -> errors.ParamServerError:
+    """Our error for a failed call: the exact class the server raised when the
+    status carries its ErrorInfo, else the class the status code maps to."""
+    code, message = error.code(), error.details() or ""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.reason in _ERRORS_BY_NAME:
+            return _rebuild(_ERRORS_BY_NAME[info.reason], message, dict(info.metadata))
+    cls = ERROR_BY_STATUS.get(code)
+    if cls is None:
+        return RemoteError(code, message)
+    return _rebuild(cls, message, {})
+
+
+def _rebuild(cls: type[errors.ParamServerError], message: str,
+             fields: dict[str, str]) -> errors.ParamServerError:
+    # Our errors' constructors format their own messages; here the message
+    # already exists, so set it and the fields directly (as unpickling does).
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    for key, value in fields.items():
+        setattr(error, key, int(value) if value.isdigit() else value)
+    return error

@@ -1,0 +1,387 @@
+"""Tensors and state_dicts <-> protobuf messages and byte chunks.
+
+Owns the wire format: the dtype table, tensor specs, the payload layout (the
+tensors' raw little-endian bytes concatenated in spec order), cutting a payload
+into chunks and checking a received stream of chunks as it arrives. Nothing is
+ever pickled. Symmetric `*_to_proto` / `*_from_proto` pairs; every `_from_proto`
+validates and raises DecodeError (or MalformedUpdateError) and nothing else.
+
+Imports torch and the generated messages; must not import grpc or do any I/O.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from google.protobuf.message import DecodeError as _ProtobufDecodeError
+from google.protobuf.message import Message
+
+from paramserver.errors import DecodeError, MalformedUpdateError
+from paramserver.v1 import parameter_server_pb2 as pb
+
+if sys.byteorder != "little":  # the wire is little-endian and we copy raw memory
+    raise ImportError("paramserver supports little-endian hosts only")
+
+# We only ever read through frombuffer views of received bytes, so torch's
+# warning that the buffer is read-only says nothing useful.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's default 4 MiB message limit
+MAX_TENSOR_BYTES = 1 << 40
+MAX_DIMS = 32
+
+# dtype <-> wire enum. Which dtypes are averaged as floats lives in averaging.py.
+_DTYPES: dict[torch.dtype, int] = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float64: pb.DTYPE_FLOAT64,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.int64: pb.DTYPE_INT64,
+    torch.int32: pb.DTYPE_INT32,
+    torch.int16: pb.DTYPE_INT16,
+    torch.int8: pb.DTYPE_INT8,
+    torch.uint8: pb.DTYPE_UINT8,
+    torch.bool: pb.DTYPE_BOOL,
+}
+_DTYPES_FROM_WIRE = {wire: dtype for dtype, wire in _DTYPES.items()}
+SUPPORTED_DTYPES = tuple(_DTYPES)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One state_dict entry as the wire describes it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+ModelSpec = tuple[TensorSpec, ...]
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    client_id: str
+    round: int
+    num_examples: int
+    specs: ModelSpec
+    sha256: bytes
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    round: int
+    specs: ModelSpec
+    sha256: bytes
+    num_updates: int = 0
+    total_examples: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+# -- specs -------------------------------------------------------------------
+
+
+def spec_of(state_dict: Mapping[str, torch.Tensor]) -> ModelSpec:
+    """The specs of a state_dict, in its order. Raises MalformedUpdateError for
+    an unsupported dtype."""
+    specs = []
+    for name, tensor in state_dict.items():
+        if tensor.dtype not in _DTYPES:
+            raise MalformedUpdateError(f"unsupported dtype {tensor.dtype}", tensor=name)
+        specs.append(TensorSpec(name, tensor.dtype, tuple(tensor.shape)))
+    return tuple(specs)
+
+
+def payload_size(specs: ModelSpec) -> int:
+    return sum(s.nbytes for s in specs)
+
+
+def tensor_spec_to_proto(spec: TensorSpec) -> pb.TensorSpec:
+    return pb.TensorSpec(name=spec.name, dtype=_DTYPES[spec.dtype], shape=spec.shape)  # type: ignore[arg-type]
+
+
+def tensor_spec_from_proto(msg: pb.TensorSpec) -> TensorSpec:
+    """Raises DecodeError naming the tensor for an invalid spec."""
+    if not msg.name:
+        raise DecodeError("tensor spec with an empty name")
+    if msg.dtype not in _DTYPES_FROM_WIRE:
+        raise DecodeError(f"unknown dtype {msg.dtype}", tensor=msg.name)
+    if len(msg.shape) > MAX_DIMS:
+        raise DecodeError(f"{len(msg.shape)} dimensions, at most {MAX_DIMS}", tensor=msg.name)
+    spec = TensorSpec(msg.name, _DTYPES_FROM_WIRE[msg.dtype], tuple(msg.shape))
+    if spec.nbytes > MAX_TENSOR_BYTES:
+        raise DecodeError(f"shape {spec.shape} is too large", tensor=msg.name)
+    return spec
+
+
+def specs_to_proto(specs: ModelSpec) -> list[pb.TensorSpec]:
+    return [tensor_spec_to_proto(s) for s in specs]
+
+
+def specs_from_proto(msgs: Iterable[pb.TensorSpec]) -> ModelSpec:
+    """Raises DecodeError for an invalid spec or a repeated name."""
+    specs = tuple(tensor_spec_from_proto(m) for m in msgs)
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise DecodeError("name appears twice", tensor=spec.name)
+        seen.add(spec.name)
+    return specs
+
+
+def check_specs_match(got: ModelSpec, expected: ModelSpec) -> None:
+    """Raises MalformedUpdateError naming the first tensor that differs."""
+    got_names = [s.name for s in got]
+    expected_names = [s.name for s in expected]
+    if got_names != expected_names:
+        missing = sorted(set(expected_names) - set(got_names))
+        extra = sorted(set(got_names) - set(expected_names))
+        if missing or extra:
+            raise MalformedUpdateError(
+                f"tensor names differ: missing {missing}, unexpected {extra}")
+        raise MalformedUpdateError(f"tensors out of order: expected {expected_names}")
+    for g, e in zip(got, expected, strict=True):
+        if g.dtype != e.dtype:
+            raise MalformedUpdateError(f"dtype {g.dtype}, expected {e.dtype}", tensor=g.name)
+        if g.shape != e.shape:
+            raise MalformedUpdateError(f"shape {list(g.shape)}, expected {list(e.shape)}",
+                                       tensor=g.name)
+
+
+# -- headers -----------------------------------------------------------------
+
+
+def update_header_to_proto(header: UpdateHeader) -> pb.UpdateHeader:
+    return pb.UpdateHeader(
+        client_id=header.client_id, round=header.round, num_examples=header.num_examples,
+        tensors=specs_to_proto(header.specs), sha256=header.sha256, metrics=dict(header.metrics),
+    )
+
+
+def update_header_from_proto(msg: pb.UpdateHeader) -> UpdateHeader:
+    """Raises DecodeError for an invalid header."""
+    if msg.num_examples < 1:
+        raise DecodeError("num_examples must be at least 1")
+    return UpdateHeader(
+        client_id=msg.client_id, round=msg.round, num_examples=msg.num_examples,
+        specs=specs_from_proto(msg.tensors), sha256=_digest_from_proto(msg.sha256),
+        metrics=_metrics_from_proto(msg.metrics),
+    )
+
+
+def model_header_to_proto(header: ModelHeader) -> pb.ModelHeader:
+    return pb.ModelHeader(
+        round=header.round, tensors=specs_to_proto(header.specs), sha256=header.sha256,
+        num_updates=header.num_updates, total_examples=header.total_examples,
+        metrics=dict(header.metrics),
+    )
+
+
+def model_header_from_proto(msg: pb.ModelHeader) -> ModelHeader:
+    """Raises DecodeError for an invalid header."""
+    return ModelHeader(
+        round=msg.round, specs=specs_from_proto(msg.tensors),
+        sha256=_digest_from_proto(msg.sha256), num_updates=msg.num_updates,
+        total_examples=msg.total_examples, metrics=_metrics_from_proto(msg.metrics),
+    )
+
+
+def _digest_from_proto(digest: bytes) -> bytes:
+    if len(digest) != hashlib.sha256().digest_size:
+        raise DecodeError(f"sha256 must be 32 bytes, got {len(digest)}")
+    return bytes(digest)
+
+
+def _metrics_from_proto(metrics: Mapping[str, float]) -> dict[str, float]:
+    for key, value in metrics.items():
+        if not math.isfinite(value):
+            raise DecodeError(f"metric {key!r} is not finite: {value}")
+    return dict(metrics)
+
+
+# -- payloads ----------------------------------------------------------------
+
+
+def tensor_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (one copy if it is not contiguous).
+
+    The view borrows the tensor's memory: keep the tensor alive while it is used.
+    """
+    tensor = tensor.detach().cpu().contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    buffer = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+    buffer._keepalive = tensor  # type: ignore[attr-defined]
+    return memoryview(buffer).cast("B")
+
+
+def payload_views(state_dict: Mapping[str, torch.Tensor]) -> list[memoryview]:
+    return [tensor_view(t) for t in state_dict.values()]
+
+
+def payload_digest(views: Iterable[Buffer]) -> bytes:
+    h = hashlib.sha256()
+    for view in views:
+        h.update(view)
+    return h.digest()
+
+
+def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """The model digest: SHA-256 of its payload."""
+    return payload_digest(payload_views(state_dict))
+
+
+def iter_chunks(views: Iterable[Buffer], chunk_size: int) -> Iterator[bytes]:
+    """Cuts the concatenation of `views` into chunks of exactly `chunk_size`
+    bytes (the last may be shorter); small tensors share a chunk."""
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
+    pending: list[memoryview] = []
+    filled = 0
+    for view in views:
+        mv = memoryview(view)
+        while len(mv):
+            take = min(len(mv), chunk_size - filled)
+            pending.append(mv[:take])
+            filled += take
+            mv = mv[take:]
+            if filled == chunk_size:
+                yield b"".join(pending)
+                pending, filled = [], 0
+    if filled:
+        yield b"".join(pending)
+
+
+def tensor_from_bytes(spec: TensorSpec, data: bytes | bytearray | memoryview) -> torch.Tensor:
+    """A tensor owning a copy of `data`. Raises DecodeError on a size mismatch."""
+    if len(data) != spec.nbytes:
+        raise DecodeError(f"{len(data)} bytes, expected {spec.nbytes}", tensor=spec.name)
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=spec.dtype)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return raw.view(spec.dtype).reshape(spec.shape)
+
+
+def state_dict_from_payload(specs: ModelSpec, payload: bytes | bytearray | memoryview,
+                            ) -> dict[str, torch.Tensor]:
+    """Raises DecodeError if the payload's length does not match the specs."""
+    if len(payload) != payload_size(specs):
+        raise DecodeError(f"payload is {len(payload)} bytes, specs need {payload_size(specs)}")
+    view = memoryview(payload)
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for spec in specs:
+        out[spec.name] = tensor_from_bytes(spec, view[offset:offset + spec.nbytes])
+        offset += spec.nbytes
+    return out
+
+
+def update_requests(header: UpdateHeader, views: Sequence[Buffer],
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.SendUpdateRequest]:
+    """The SendUpdate stream: header, then data chunks."""
+    yield pb.SendUpdateRequest(header=update_header_to_proto(header))
+    for chunk in iter_chunks(views, chunk_size):
+        yield pb.SendUpdateRequest(data=chunk)
+
+
+def model_responses(header: ModelHeader, views: Sequence[Buffer],
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.GetAveragedModelResponse]:
+    """The GetAveragedModel stream: header, then data chunks."""
+    yield pb.GetAveragedModelResponse(header=model_header_to_proto(header))
+    for chunk in iter_chunks(views, chunk_size):
+        yield pb.GetAveragedModelResponse(data=chunk)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_message(cls: type[M], data: bytes) -> M:
+    """Parses serialized protobuf bytes; raises DecodeError, never protobuf's."""
+    try:
+        return cls.FromString(data)
+    except (_ProtobufDecodeError, RuntimeWarning, ValueError) as exc:
+        raise DecodeError(f"cannot parse {cls.__name__}: {exc}") from None
+
+
+# -- checking a stream as it arrives -----------------------------------------
+
+
+class PayloadChecker:
+    """Checks payload bytes as they stream in, in O(chunk) memory: never more
+    bytes than the specs declare, every float finite (naming the tensor), and
+    the SHA-256 at the end. Each piece is passed on to the caller's sink only
+    after it has been checked; no I/O of its own.
+    """
+
+    def __init__(self, specs: ModelSpec, sha256: bytes) -> None:
+        self._specs = specs
+        self._expected = sha256
+        self._total = payload_size(specs)
+        self._hash = hashlib.sha256()
+        self._received = 0
+        self._index = 0  # tensor that byte `_received` belongs to
+        self._tensor_end = specs[0].nbytes if specs else 0
+        self._carry = b""  # bytes of a float element split between chunks
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def feed(self, data: bytes) -> None:
+        """Raises MalformedUpdateError for too many bytes or a non-finite value."""
+        if self._received + len(data) > self._total:
+            raise MalformedUpdateError(
+                f"payload longer than the {self._total} bytes its specs declare")
+        self._hash.update(data)
+        view = memoryview(data)
+        while len(view):
+            self._skip_empty_tensors()
+            take = min(len(view), self._tensor_end - self._received)
+            self._check_finite(view[:take])
+            self._received += take
+            view = view[take:]
+
+    def finish(self) -> None:
+        """Raises MalformedUpdateError if bytes are missing or the digest differs."""
+        if self._received != self._total:
+            raise MalformedUpdateError(
+                f"truncated payload: {self._received} of {self._total} bytes"
+                + (f", stopped inside tensor {self._specs[self._index].name!r}"
+                   if self._index < len(self._specs) else ""))
+        if self._hash.digest() != self._expected:
+            raise MalformedUpdateError("payload sha256 does not match the header")
+
+    def _skip_empty_tensors(self) -> None:
+        while self._received == self._tensor_end and self._index + 1 < len(self._specs):
+            self._index += 1
+            self._tensor_end += self._specs[self._index].nbytes
+
+    def _check_finite(self, piece: memoryview) -> None:
+        spec = self._specs[self._index]
+        if not spec.dtype.is_floating_point:
+            return
+        data = self._carry + bytes(piece) if self._carry else piece
+        usable = len(data) - len(data) % spec.dtype.itemsize
+        self._carry = bytes(data[usable:])
+        if usable and not torch.isfinite(torch.frombuffer(data[:usable], dtype=spec.dtype)).all():
+            raise MalformedUpdateError("contains NaN or Inf", tensor=spec.name)

@@ -1,0 +1,128 @@
+"""Every error paramserver raises on purpose: one root, narrow subclasses.
+
+Each subclass carries the data that names the problem (round, client, tensor),
+so the transport can map it to one gRPC status code and a precise message.
+This module imports nothing from paramserver and nothing outside the standard
+library.
+"""
+
+from __future__ import annotations
+
+
+class ParamServerError(Exception):
+    """Root of every error paramserver raises on purpose."""
+
+
+class UnknownClientError(ParamServerError):
+    """A call names a client_id that never registered."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(f"unknown client {client_id!r}: call RegisterClient first")
+        self.client_id = client_id
+
+
+class InvalidClientNameError(ParamServerError):
+    """A client name that is empty, too long or has characters outside the set."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"invalid client name {name!r}: {why}")
+        self.name = name
+
+
+class RoundError(ParamServerError):
+    """An update or request for a round that is not the one it must be."""
+
+    def __init__(self, message: str, *, client_id: str, round: int, open_round: int) -> None:
+        super().__init__(message)
+        self.client_id = client_id
+        self.round = round
+        self.open_round = open_round
+
+
+class StaleRoundError(RoundError):
+    """The round named has already closed."""
+
+    def __init__(self, client_id: str, round: int, open_round: int) -> None:
+        super().__init__(
+            f"round {round} is closed (open round is {open_round}); client {client_id!r} "
+            "must fetch the latest global model and re-sync",
+            client_id=client_id, round=round, open_round=open_round,
+        )
+
+
+class FutureRoundError(RoundError):
+    """The round named has not opened yet."""
+
+    def __init__(self, client_id: str, round: int, open_round: int) -> None:
+        super().__init__(
+            f"round {round} has not opened yet (open round is {open_round})",
+            client_id=client_id, round=round, open_round=open_round,
+        )
+
+
+class NotInCohortError(RoundError):
+    """The client registered after the round opened, so it is not part of it."""
+
+    def __init__(self, client_id: str, round: int, open_round: int) -> None:
+        super().__init__(
+            f"client {client_id!r} joined during round {round} and takes part from "
+            f"round {round + 1}",
+            client_id=client_id, round=round, open_round=open_round,
+        )
+
+
+class RunFinishedError(RoundError):
+    """The server has run all its rounds."""
+
+    def __init__(self, client_id: str, round: int, open_round: int) -> None:
+        super().__init__(
+            f"round {round} is past the end of the run (last round is {open_round - 1})",
+            client_id=client_id, round=round, open_round=open_round,
+        )
+
+
+class ConflictingUpdateError(ParamServerError):
+    """A second, different update from a client for a round it already sent."""
+
+    def __init__(self, client_id: str, round: int) -> None:
+        super().__init__(
+            f"client {client_id!r} already sent a different update for round {round}; "
+            "the first one is kept"
+        )
+        self.client_id = client_id
+        self.round = round
+
+
+class MalformedUpdateError(ParamServerError):
+    """An update or model that does not match what it must be.
+
+    `tensor` names the offending tensor where there is one.
+    """
+
+    def __init__(self, message: str, *, tensor: str | None = None) -> None:
+        super().__init__(f"tensor {tensor!r}: {message}" if tensor is not None else message)
+        self.tensor = tensor
+
+
+class DecodeError(MalformedUpdateError):
+    """Bytes or messages that cannot be decoded into tensors."""
+
+
+class AveragingError(ParamServerError):
+    """The updates cannot be averaged (zero total weight, no updates)."""
+
+
+class CapacityError(ParamServerError):
+    """The server already has as many clients as it accepts."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(f"server is at its capacity of {capacity} clients")
+        self.capacity = capacity
+
+
+class RoundAbortedError(ParamServerError):
+    """The round was aborted; its updates were discarded."""
+
+    def __init__(self, round: int) -> None:
+        super().__init__(f"round {round} was aborted")
+        self.round = round

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from paramserver.averaging import (
+    average_metrics,
+    average_state_dicts,
+    fold,
+    weight_fractions,
+)
+from paramserver.codec import state_dict_digest
+from paramserver.errors import AveragingError, MalformedUpdateError
+
+
+def test_weighted_average_of_floats() -> None:
+    a = {"w": torch.tensor([1.0, 2.0])}
+    b = {"w": torch.tensor([3.0, 6.0])}
+    out = average_state_dicts({"a": (1, a), "b": (3, b)})
+    assert torch.equal(out["w"], torch.tensor([2.5, 5.0]))
+
+
+def test_equal_weights_give_plain_mean() -> None:
+    sds = {f"c{i}": (5, {"w": torch.randn(10)}) for i in range(4)}
+    mean = torch.stack([sd["w"] for _, sd in sds.values()]).double().mean(0)
+    assert torch.allclose(average_state_dicts(sds)["w"].double(), mean, atol=1e-6)
+
+
+def test_order_of_mapping_does_not_matter() -> None:
+    sds = {f"c{i}": (i + 1, {"w": torch.randn(100)}) for i in range(5)}
+    reversed_sds = dict(reversed(list(sds.items())))
+    assert state_dict_digest(average_state_dicts(sds)) == state_dict_digest(
+        average_state_dicts(reversed_sds))
+
+
+def test_non_float_policy_rounds_half_to_even() -> None:
+    a = {"n": torch.tensor(1), "m": torch.tensor([True, True])}
+    b = {"n": torch.tensor(2), "m": torch.tensor([False, True])}
+    out = average_state_dicts({"a": (1, a), "b": (1, b)})
+    assert out["n"].item() == 2  # 1.5 rounds half to even
+    assert out["n"].dtype == torch.int64
+    assert out["m"].tolist() == [False, True]  # a tie goes to False
+
+
+def test_zero_weights_and_empty_input_raise() -> None:
+    with pytest.raises(AveragingError, match="zero"):
+        weight_fractions([0, 0])
+    with pytest.raises(AveragingError, match="no updates"):
+        average_state_dicts({})
+    with pytest.raises(AveragingError, match="non-negative"):
+        weight_fractions([1, -1])
+
+
+def test_mismatches_and_nan_are_named() -> None:
+    good = {"w": torch.zeros(2)}
+    with pytest.raises(MalformedUpdateError, match="'w'.*shape"):
+        average_state_dicts({"a": (1, good), "b": (1, {"w": torch.zeros(3)})})
+    with pytest.raises(MalformedUpdateError, match="'w'.*NaN"):
+        average_state_dicts({"a": (1, good), "b": (1, {"w": torch.tensor([0.0, float("inf")])})})
+    with pytest.raises(MalformedUpdateError, match="missing"):
+        average_state_dicts({"a": (1, good), "b": (1, {"v": torch.zeros(2)})})
+
+
+def test_fold_in_blocks_equals_fold_whole() -> None:
+    xs = [torch.randn(1000) for _ in range(3)]
+    p = weight_fractions([3, 5, 7])
+    whole = fold(p, xs, torch.float32)
+    halves = torch.cat([fold(p, (x[:333] for x in xs), torch.float32),
+                        fold(p, (x[333:] for x in xs), torch.float32)])
+    assert torch.equal(whole, halves)
+
+
+def test_average_metrics_uses_common_keys() -> None:
+    out = average_metrics([0.25, 0.75], [{"loss": 1.0, "x": 2.0}, {"loss": 3.0}])
+    assert out == {"loss": 2.5}

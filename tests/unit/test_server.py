@@ -1,0 +1,98 @@
+"""The transport in-process: real gRPC on 127.0.0.1:0, status codes, waiting."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from paramserver import codec, errors
+from paramserver.averaging import average_state_dicts
+from paramserver.client import ParameterServerClient, RemoteError, RetryPolicy
+from paramserver.server import (
+    STATUS_BY_ERROR,
+    RunningServer,
+    ServerConfig,
+    create_server,
+    status_code_for,
+)
+
+MODEL = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "n": torch.tensor(0)}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    running = create_server(ServerConfig(min_clients=2, total_rounds=2, spool_dir=tmp_path,
+                                         chunk_size=16), MODEL)
+    try:
+        yield running
+    finally:
+        running.stop(grace=0)
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[ParameterServerClient]:
+    with ParameterServerClient(f"127.0.0.1:{server.port}", timeout=10, chunk_size=16) as c:
+        yield c
+
+
+def update(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 3), value), "b": torch.full((3,), -value),
+            "n": torch.tensor(int(value))}
+
+
+def test_round_trip_through_the_barrier(client: ParameterServerClient) -> None:
+    reg_a, reg_b = client.register("a"), client.register("b")
+    assert (reg_a.first_round, reg_b.first_round, reg_a.total_rounds) == (1, 1, 2)
+    assert reg_a.specs == codec.spec_of(MODEL)
+    header, initial = client.get_model("a", 0)
+    assert header.round == 0 and torch.equal(initial["w"], MODEL["w"])
+    ack = client.send_update("a", 1, update(1.0), 10, {"loss": 1.0})
+    assert (ack.received, ack.expected, ack.duplicate) == (1, 2, False)
+    assert client.send_update("a", 1, update(1.0), 10).duplicate
+    client.send_update("b", 1, update(3.0), 30, {"loss": 2.0})
+    header, model = client.get_model("b", 1)
+    expected = average_state_dicts({"a": (10, update(1.0)), "b": (30, update(3.0))})
+    assert header.sha256 == codec.state_dict_digest(expected)
+    assert (header.num_updates, header.total_examples) == (2, 40)
+    assert header.metrics["loss"] == pytest.approx(1.75)
+    assert codec.state_dict_digest(model) == header.sha256
+
+
+def test_errors_carry_their_class_across_the_wire(client: ParameterServerClient) -> None:
+    client.register("a")
+    with pytest.raises(errors.UnknownClientError, match="ghost"):
+        client.send_update("ghost", 1, update(1.0), 1)
+    with pytest.raises(errors.FutureRoundError):
+        client.get_model("a", 2, timeout=5)
+    client.register("b")
+    with pytest.raises(errors.MalformedUpdateError, match="'w'"):
+        client.send_update("a", 1, {**update(1.0), "w": torch.zeros(3, 4)}, 1)
+    with pytest.raises(errors.MalformedUpdateError, match="'b'.*NaN"):
+        client.send_update("a", 1, {**update(1.0), "b": torch.full((3,), float("nan"))}, 1)
+    client.send_update("a", 1, update(1.0), 1)
+    with pytest.raises(errors.ConflictingUpdateError):
+        client.send_update("a", 1, update(2.0), 1)
+
+
+def test_waiting_for_an_open_round_honours_the_deadline(client: ParameterServerClient) -> None:
+    client.register("a")
+    client.register("b")
+    with pytest.raises(RemoteError) as info:
+        client.get_model("a", 1, timeout=0.3)
+    assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_every_error_class_has_one_status() -> None:
+    assert status_code_for(errors.StaleRoundError("c", 1, 2)) is grpc.StatusCode.FAILED_PRECONDITION
+    assert status_code_for(errors.DecodeError("x")) is grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc.StatusCode.OK not in STATUS_BY_ERROR.values()
+
+
+def test_client_gives_up_after_retries_when_nobody_listens() -> None:
+    policy = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)
+    with ParameterServerClient("127.0.0.1:1", timeout=2, retry=policy) as c, \
+            pytest.raises(RemoteError) as info:
+        c.register("a")
+    assert info.value.code is grpc.StatusCode.UNAVAILABLE
