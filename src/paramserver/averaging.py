@@ -54,13 +54,17 @@ def fold(fractions: Sequence[float], blocks: Iterable[torch.Tensor],
     """The weighted sum of `blocks` (consumed lazily, one at a time), cast to
     `dtype` by the module's policy. Elementwise: folding a tensor whole or in
     slices gives the same bits."""
+    # Two float64 buffers for the whole fold, updated in place: allocating a
+    # fresh term per update fragments the heap so that RSS grows with clients.
     acc: torch.Tensor | None = None
+    term: torch.Tensor | None = None
     for p, block in zip(fractions, blocks, strict=True):
-        term = block.to(torch.float64) * p
         if acc is None:
-            acc = term
-        else:
-            acc += term
+            acc = torch.empty(block.shape, dtype=torch.float64).copy_(block).mul_(p)
+            continue
+        if term is None:
+            term = torch.empty(block.shape, dtype=torch.float64)
+        acc.add_(term.copy_(block).mul_(p))
     if acc is None:
         raise AveragingError("no updates to average")
     return cast_result(acc, dtype)

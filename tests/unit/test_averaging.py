@@ -51,9 +51,9 @@ def test_zero_weights_and_empty_input_raise() -> None:
 
 def test_mismatches_and_nan_are_named() -> None:
     good = {"w": torch.zeros(2)}
-    with pytest.raises(MalformedUpdateError, match="'w'.*shape"):
+    with pytest.raises(MalformedUpdateError, match=r"'w'.*shape"):
         average_state_dicts({"a": (1, good), "b": (1, {"w": torch.zeros(3)})})
-    with pytest.raises(MalformedUpdateError, match="'w'.*NaN"):
+    with pytest.raises(MalformedUpdateError, match=r"'w'.*NaN"):
         average_state_dicts({"a": (1, good), "b": (1, {"w": torch.tensor([0.0, float("inf")])})})
     with pytest.raises(MalformedUpdateError, match="missing"):
         average_state_dicts({"a": (1, good), "b": (1, {"v": torch.zeros(2)})})

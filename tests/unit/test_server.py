@@ -47,7 +47,8 @@ def test_round_trip_through_the_barrier(client: ParameterServerClient) -> None:
     assert (reg_a.first_round, reg_b.first_round, reg_a.total_rounds) == (1, 1, 2)
     assert reg_a.specs == codec.spec_of(MODEL)
     header, initial = client.get_model("a", 0)
-    assert header.round == 0 and torch.equal(initial["w"], MODEL["w"])
+    assert header.round == 0
+    assert torch.equal(initial["w"], MODEL["w"])
     ack = client.send_update("a", 1, update(1.0), 10, {"loss": 1.0})
     assert (ack.received, ack.expected, ack.duplicate) == (1, 2, False)
     assert client.send_update("a", 1, update(1.0), 10).duplicate
@@ -69,7 +70,7 @@ def test_errors_carry_their_class_across_the_wire(client: ParameterServerClient)
     client.register("b")
     with pytest.raises(errors.MalformedUpdateError, match="'w'"):
         client.send_update("a", 1, {**update(1.0), "w": torch.zeros(3, 4)}, 1)
-    with pytest.raises(errors.MalformedUpdateError, match="'b'.*NaN"):
+    with pytest.raises(errors.MalformedUpdateError, match=r"'b'.*NaN"):
         client.send_update("a", 1, {**update(1.0), "b": torch.full((3,), float("nan"))}, 1)
     client.send_update("a", 1, update(1.0), 1)
     with pytest.raises(errors.ConflictingUpdateError):

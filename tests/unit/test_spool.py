@@ -1,5 +1,8 @@
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from paramserver import codec
@@ -39,3 +42,34 @@ def test_discard_leaves_nothing_and_commit_is_atomic(tmp_path: Path) -> None:
     assert path.read_bytes() == b"whole"
     spool.drop_round(3)
     assert not (tmp_path / "round-00000003").exists()
+
+
+_PEAK_SCRIPT = """
+import resource, sys
+from pathlib import Path
+import torch
+from paramserver import codec
+from paramserver.spool import SpooledUpdate, aggregate
+root, clients = Path(sys.argv[1]), int(sys.argv[2])
+specs = (codec.TensorSpec("w", torch.float32, (2048, 2048)),)
+updates = [SpooledUpdate(root / f"c{i:03d}.update", i + 1) for i in range(clients)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+payload = aggregate(specs, updates)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_aggregation_memory_does_not_grow_with_clients(tmp_path: Path) -> None:
+    # 16 MiB model. Holding every update in memory, as Flower does, would add
+    # 16 MiB per client; folding from disk adds one output payload plus blocks.
+    model = codec.TensorSpec("w", torch.float32, (2048, 2048))
+    data = b"".join(codec.payload_views({"w": torch.randn(model.shape)}))
+    for i in range(24):
+        (tmp_path / f"c{i:03d}.update").write_bytes(data)
+    growth = {}
+    for clients in (2, 24):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path), str(clients)],
+                             capture_output=True, text=True, check=True, timeout=150)
+        growth[clients] = int(out.stdout.split()[-1])
+    assert growth[24] < growth[2] + model.nbytes // 2, growth

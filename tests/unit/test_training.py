@@ -16,7 +16,8 @@ def test_same_seed_same_model_and_data() -> None:
     assert "2.num_batches_tracked" in a
     x1, y1 = training.make_dataset(0, "c1", 50)
     x2, y2 = training.make_dataset(0, "c1", 50)
-    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1, x2)
+    assert torch.equal(y1, y2)
     assert not torch.equal(x1, training.make_dataset(0, "c2", 50)[0])
 
 
