@@ -38,6 +38,9 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's default 4 MiB message limit
 MAX_TENSOR_BYTES = 1 << 40
 MAX_DIMS = 32
+# Bounds each weight so that any round's total fits the wire's uint64 and every
+# weight is exact in a float64.
+MAX_NUM_EXAMPLES = 1 << 40
 
 # dtype <-> wire enum. Which dtypes are averaged as floats lives in averaging.py.
 _DTYPES: dict[torch.dtype, int] = {
@@ -179,8 +182,8 @@ def update_header_to_proto(header: UpdateHeader) -> pb.UpdateHeader:
 
 def update_header_from_proto(msg: pb.UpdateHeader) -> UpdateHeader:
     """Raises DecodeError for an invalid header."""
-    if msg.num_examples < 1:
-        raise DecodeError("num_examples must be at least 1")
+    if not 1 <= msg.num_examples <= MAX_NUM_EXAMPLES:
+        raise DecodeError(f"num_examples must be in 1..{MAX_NUM_EXAMPLES}, got {msg.num_examples}")
     return UpdateHeader(
         client_id=msg.client_id, round=msg.round, num_examples=msg.num_examples,
         specs=specs_from_proto(msg.tensors), sha256=_digest_from_proto(msg.sha256),

@@ -19,7 +19,9 @@ Rules, all of them here:
   published; then the next round opens with every registered client as cohort,
   or the run is FINISHED after `total_rounds`.
 - The same update (same digest) sent again for a round is a duplicate: counted
-  once and acknowledged again. A different one is refused; the first is kept.
+  once and acknowledged again, also just after the round closed (the retry of
+  an upload whose acknowledgement was lost). A different one is refused; the
+  first is kept.
 
 The generic payload `P` is whatever the transport keeps for an update (a spool
 file, a state_dict); the machine never looks inside it.
@@ -113,6 +115,9 @@ class RoundMachine(Generic[P]):
     clients: dict[str, int] = field(default_factory=dict)
     cohort: frozenset[str] = frozenset()
     received: dict[str, Update[P]] = field(default_factory=dict)
+    # Digests of the last published round, so that a retry whose first
+    # acknowledgement was lost is still recognised as a duplicate.
+    last_digests: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -165,6 +170,9 @@ class RoundMachine(Generic[P]):
         if round > self.open_round or self.phase is Phase.WAITING_FOR_CLIENTS:
             raise FutureRoundError(client_id, round, self.open_round)
         if round < self.open_round:
+            if round == self.published_round and self.last_digests.get(client_id) == digest:
+                n = len(self.last_digests)
+                return Accepted(round, True, n, n)
             raise StaleRoundError(client_id, round, self.open_round)
         if client_id not in self.cohort:
             assert first_round > round
@@ -219,6 +227,7 @@ class RoundMachine(Generic[P]):
 
     def _publish(self, now: float) -> None:
         self.published_round = self.open_round
+        self.last_digests = {c: u.digest for c, u in self.received.items()}
         self.received = {}
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:

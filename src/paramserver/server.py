@@ -209,8 +209,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         writer = self._spool.writer(header.round, header.client_id)
         try:
             for request in requests:
-                if request.WhichOneof("part") != "data":
+                part = request.WhichOneof("part")
+                if part == "header":
                     raise DecodeError("UpdateHeader sent twice in one SendUpdate stream")
+                if part != "data":
+                    raise DecodeError("empty SendUpdateRequest where a data chunk was expected")
                 checker.feed(request.data)
                 writer.write(request.data)
             checker.finish()

@@ -71,8 +71,8 @@ class ParameterServerServicer:
         (each at most a few MiB), then half-close. The server acknowledges only
         after the whole update has been received and validated against the global
         model's specs. Re-sending the identical update (same sha256) for the same
-        round is acknowledged again and counted once (duplicate = true), so an
-        upload may be retried safely.
+        round is acknowledged again and counted once (duplicate = true), also just
+        after that round closed, so an upload may be retried safely.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
