@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from types import FrameType
 
 import torch
 
-from paramserver import codec, processes, training
+from paramserver import codec, errors, processes, training
 
 log = logging.getLogger("paramserver")
 
@@ -57,7 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rounds", type=int, default=0, help="rounds to run; 0 = no limit")
     serve.add_argument("--capacity", type=int, default=256, help="most clients accepted")
     serve.add_argument("--chunk-size", type=int, default=codec.DEFAULT_CHUNK_SIZE)
-    serve.add_argument("--spool-dir", type=Path, help="where updates are written (default: temp)")
+    serve.add_argument("--state-dir", type=Path, default=Path("paramserver-state"),
+                       help="durable state: acknowledged updates, global models, clients; "
+                            "a restarted server resumes from it (default: %(default)s)")
+    serve.add_argument("--fresh", action="store_true",
+                       help="discard what --state-dir holds and start a new run")
+    serve.add_argument("--no-fsync", action="store_true",
+                       help="skip fsync (faster; a machine crash may lose acknowledged updates)")
+    serve.add_argument("--round-timeout", type=float, default=0.0,
+                       help="seconds a round stays open; 0 = wait for every client")
+    serve.add_argument("--min-clients", type=int, default=1,
+                       help="updates a round needs to close at its deadline (quorum)")
     serve.add_argument("--ready-file", type=Path, help="write {port, pid} here once serving")
     serve.add_argument("--round-log", type=Path, help="append one JSON line per round here")
     serve.add_argument("--eval-examples", type=int, default=2000,
@@ -95,62 +106,86 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from paramserver.server import ServerConfig, create_server
+    from paramserver.coordinator import ServerConfig
+    from paramserver.server import create_server
 
     model = training.build_model(args.model, args.seed)
     evaluator = (training.make_evaluator(args.model, args.seed, args.eval_examples)
                  if args.eval_examples > 0 else None)
-    with tempfile.TemporaryDirectory(prefix="paramserver-spool-") as temp:
-        config = ServerConfig(
-            min_clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,
-            chunk_size=args.chunk_size, spool_dir=args.spool_dir or Path(temp),
-            round_log=args.round_log, evaluator=evaluator)
-        running = create_server(config, model.state_dict(), f"{args.host}:{args.port}")
-        stopping = threading.Event()
+    if args.fresh and args.state_dir.exists():
+        shutil.rmtree(args.state_dir)
+    config = ServerConfig(
+        min_clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,
+        round_timeout=args.round_timeout or None, quorum=args.min_clients,
+        chunk_size=args.chunk_size, state_dir=args.state_dir, durable=not args.no_fsync,
+        round_log=args.round_log, evaluator=evaluator)
+    stopping = threading.Event()
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %d: shutting down", signum)
-            stopping.set()
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        stopping.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        log.info("serving on %s:%d, waiting for %d clients, %s rounds", args.host,
-                 running.port, args.clients, args.rounds or "unlimited")
-        if args.ready_file:
-            processes.write_ready_file(args.ready_file, running.port)
-        stopping.wait()
-        running.stop(grace=5.0)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    running = create_server(config, model.state_dict(), f"{args.host}:{args.port}")
+    log.info("serving on %s:%d, waiting for %d clients, %s rounds, state in %s", args.host,
+             running.port, args.clients, args.rounds or "unlimited", args.state_dir)
+    if args.ready_file:
+        processes.write_ready_file(args.ready_file, running.port)
+    stopping.wait()
+    running.stop(grace=5.0)
+    log.info("stopped; state flushed to %s", args.state_dir)
     return 0
 
 
 # -- client --------------------------------------------------------------------
 
 
+MAX_RESYNCS = 20
+
+
 def run_client(args: argparse.Namespace) -> int:
-    from paramserver.client import ParameterServerClient
+    from paramserver.client import ParameterServerClient, RetryPolicy
 
     config = training.TrainConfig(args.model, args.seed, args.examples, args.lr,
                                   args.batch_size, args.epochs)
     model = training.build_model(args.model, args.seed)
     data = training.make_dataset(args.seed, args.name, args.examples)
-    summary: dict[str, object] = {"client": args.name, "rounds": {}}
-    with ParameterServerClient(args.server, chunk_size=args.chunk_size) as client:
+    digests: dict[int, str] = {}
+    # Retries span a server restart: about a minute of backoff in all.
+    retry = RetryPolicy(attempts=40, initial_backoff=0.1, max_backoff=2.0)
+    with ParameterServerClient(args.server, chunk_size=args.chunk_size, retry=retry) as client:
         reg = client.register(args.name)
         last = args.rounds or reg.total_rounds or 5
-        _, state = client.get_model(reg.client_id, reg.first_round - 1, args.round_wait)
-        model.load_state_dict(state)
-        for round in range(reg.first_round, last + 1):
-            loss = training.train(model, data, config, round, args.name)
-            ack = client.send_update(reg.client_id, round, model.state_dict(), len(data[0]),
-                                     {"loss": loss})
-            header, state = client.get_model(reg.client_id, round, args.round_wait)
-            model.load_state_dict(state)
-            summary["rounds"][round] = header.sha256.hex()  # type: ignore[index]
-            print(f"{args.name} round {round}: train loss {loss:.4f}, "
-                  f"{ack.received}/{ack.expected} in, global sha256 {header.sha256.hex()}",
-                  flush=True)
+        model_round, round = reg.model_round, reg.first_round
+        resyncs = 0
+        sent: set[int] = set()  # rounds this client's update was acknowledged for
+        while True:
+            try:
+                header, state = client.get_model(reg.client_id, model_round, args.round_wait)
+                model.load_state_dict(state)
+                if header.round in sent:
+                    digests[header.round] = header.sha256.hex()
+                if header.round >= last or round > last:
+                    break
+                loss = training.train(model, data, config, round, args.name)
+                ack = client.send_update(reg.client_id, round, model.state_dict(),
+                                         len(data[0]), {"loss": loss})
+                sent.add(round)
+                print(f"{args.name} round {round}: train loss {loss:.4f}, "
+                      f"{ack.received}/{ack.expected} in", flush=True)
+                model_round, round = round, round + 1
+            except (errors.RoundError, errors.RoundAbortedError,
+                    errors.UnknownClientError) as error:
+                resyncs += 1
+                if resyncs > MAX_RESYNCS:
+                    raise
+                print(f"{args.name}: {error}; re-syncing", flush=True)
+                reg = client.register(args.name)
+                model_round, round = reg.model_round, reg.first_round
+    print(f"{args.name} done: global model sha256 {digests.get(last, 'none')}", flush=True)
     if args.summary_file:
-        args.summary_file.write_text(json.dumps(summary))
+        args.summary_file.write_text(json.dumps({"client": args.name, "rounds": digests}))
     return 0
 
 
@@ -173,7 +208,7 @@ def _demo_in(args: argparse.Namespace, workdir: Path) -> int:
         server = processes.spawn(processes.paramserver_command(
             "serve", "--port", "0", "--clients", str(args.clients), "--rounds",
             str(args.rounds), "--ready-file", str(ready), "--round-log", str(round_log),
-            "--spool-dir", str(workdir / "spool"), "--chunk-size", str(args.chunk_size),
+            "--state-dir", str(workdir / "state"), "--chunk-size", str(args.chunk_size),
             *common), server_log)
         clients = []
         try:

@@ -29,6 +29,15 @@ log = logging.getLogger("paramserver.client")
 
 T = TypeVar("T")
 
+# Keepalive: a server that vanished without closing the connection (killed
+# machine, cut cable) is noticed within about 15 s, even while waiting.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
 # Codes worth retrying: the server is not there (yet, or any more).
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
@@ -71,8 +80,11 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Registration:
+    """`model_round`: the global model to train on before sending for `first_round`."""
+
     client_id: str
     first_round: int
+    model_round: int
     total_rounds: int
     specs: codec.ModelSpec
 
@@ -95,7 +107,7 @@ class ParameterServerClient:
     chunk_size: int = codec.DEFAULT_CHUNK_SIZE
 
     def __post_init__(self) -> None:
-        self._channel = grpc.insecure_channel(self.address)
+        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> ParameterServerClient:
@@ -111,8 +123,8 @@ class ParameterServerClient:
         """Raises InvalidClientNameError (as MalformedUpdateError), CapacityError."""
         reply = self._call(lambda: self._stub.RegisterClient(
             pb.RegisterClientRequest(client_name=name), timeout=self.timeout))
-        return Registration(reply.client_id, reply.first_round, reply.total_rounds,
-                            codec.specs_from_proto(reply.tensors))
+        return Registration(reply.client_id, reply.first_round, reply.model_round,
+                            reply.total_rounds, codec.specs_from_proto(reply.tensors))
 
     def send_update(self, client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
                     num_examples: int, metrics: Mapping[str, float] | None = None) -> Ack:

@@ -61,12 +61,14 @@ class FutureRoundError(RoundError):
 
 
 class NotInCohortError(RoundError):
-    """The client registered after the round opened, so it is not part of it."""
+    """The client (re-)registered after the round opened, or dropped out of an
+    earlier round, so it is not part of this one."""
 
     def __init__(self, client_id: str, round: int, open_round: int) -> None:
         super().__init__(
-            f"client {client_id!r} joined during round {round} and takes part from "
-            f"round {round + 1}",
+            f"client {client_id!r} is not in the cohort of round {round} (it joined after "
+            f"the round opened or dropped out earlier); register again and take part "
+            f"from round {round + 1}",
             client_id=client_id, round=round, open_round=open_round,
         )
 
@@ -126,3 +128,10 @@ class RoundAbortedError(ParamServerError):
     def __init__(self, round: int) -> None:
         super().__init__(f"round {round} was aborted")
         self.round = round
+
+
+class ShuttingDownError(ParamServerError):
+    """The server is shutting down; retry against its successor."""
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down; retry")

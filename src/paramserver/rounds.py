@@ -1,27 +1,37 @@
 """The round state machine: who is registered, which round is open, who has sent,
-when the barrier is reached.
+when the barrier is reached, and what happens when a round's deadline passes.
 
 Pure and sans-I/O in the manner of h11: inputs go in as method calls, decisions
 come out as return values, and an illegal input raises one of our errors and
 leaves the state untouched (every method checks everything before it mutates).
 It holds no lock and must not import grpc, torch, threading, socket or time; the
-transport owns the lock, and any time is passed in as `now`.
+transport owns the lock, and time is passed in as `now`.
 
 Rules, all of them here:
-- Round 1 opens once `min_clients` clients have registered. Its cohort is every
-  client registered at that moment.
+- Round 1 opens once `min_clients` clients have registered. Every round's
+  cohort is the set of active clients at the moment it opens.
 - A client that registers while a round is open (or being aggregated) takes part
-  from the next round. Registration is idempotent: a known name keeps its slot.
+  from the next round. Registration is idempotent: a known name keeps its slot,
+  becomes active again, and is told which round it takes part in next (the open
+  one if it is in its cohort and has not sent yet, else the next).
 - A round closes when every member of its cohort has sent one update (the
   barrier). The updates come out in canonical order (sorted client ids), which
   is what makes the global model independent of arrival order.
+- With a `round_timeout`, a `tick(now)` at or after the deadline closes the
+  round with the updates it has if there are at least `quorum`, else aborts it:
+  its updates are discarded, the global model stays, and the next round opens.
+  Cohort members that sent nothing become inactive (dropouts) and are left out
+  of later cohorts until they register again, so a dead client never holds up
+  more than one round.
 - A closed round is AGGREGATING until the transport reports the global model
-  published; then the next round opens with every registered client as cohort,
-  or the run is FINISHED after `total_rounds`.
+  published; then the next round opens, or the run is FINISHED after
+  `total_rounds`. A round after the first opens once `quorum` clients are
+  active; until then the machine waits for clients again.
 - The same update (same digest) sent again for a round is a duplicate: counted
   once and acknowledged again, also just after the round closed (the retry of
   an upload whose acknowledgement was lost). A different one is refused; the
   first is kept.
+- Rounds between the last published round and the open round were aborted.
 
 The generic payload `P` is whatever the transport keeps for an update (a spool
 file, a state_dict); the machine never looks inside it.
@@ -30,7 +40,7 @@ file, a state_dict); the machine never looks inside it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -41,6 +51,7 @@ from paramserver.errors import (
     InvalidClientNameError,
     NotInCohortError,
     ParamServerError,
+    RoundAbortedError,
     RunFinishedError,
     StaleRoundError,
     UnknownClientError,
@@ -61,8 +72,8 @@ class Phase(enum.Enum):
 
 class Event(enum.Enum):
     REGISTER = "register"
-    SUBMIT = "submit"
     PUBLISH = "publish"
+    DEADLINE = "deadline"
 
 
 class IllegalTransitionError(ParamServerError):
@@ -71,9 +82,14 @@ class IllegalTransitionError(ParamServerError):
 
 @dataclass(frozen=True)
 class Registration:
+    """`first_round`: the round to send an update for next. `model_round`: the
+    round whose global model to train on (first_round - 1, or the last
+    published round when rounds in between were aborted)."""
+
     client_id: str
     first_round: int
     is_new: bool
+    model_round: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,14 @@ class Accepted(Generic[P]):
     closed: tuple[Update[P], ...] | None = None
 
 
+@dataclass(frozen=True)
+class Aborted(Generic[P]):
+    """A round aborted at its deadline below quorum; `discarded` are its updates."""
+
+    round: int
+    discarded: tuple[Update[P], ...]
+
+
 class ModelStatus(enum.Enum):
     READY = "ready"
     PENDING = "pending"
@@ -108,11 +132,14 @@ class RoundMachine(Generic[P]):
     min_clients: int
     total_rounds: int = 0
     capacity: int = 1024
+    round_timeout: float | None = None
+    quorum: int = 1
     phase: Phase = Phase.WAITING_FOR_CLIENTS
     open_round: int = 1
     published_round: int = 0
     opened_at: float | None = None
-    clients: dict[str, int] = field(default_factory=dict)
+    clients: dict[str, int] = field(default_factory=dict)  # name -> round registered in
+    inactive: set[str] = field(default_factory=set)
     cohort: frozenset[str] = frozenset()
     received: dict[str, Update[P]] = field(default_factory=dict)
     # Digests of the last published round, so that a retry whose first
@@ -126,19 +153,23 @@ class RoundMachine(Generic[P]):
             raise ValueError("capacity must be at least min_clients")
         if self.total_rounds < 0:
             raise ValueError("total_rounds must be 0 (no limit) or more")
+        if not 1 <= self.quorum <= self.min_clients:
+            raise ValueError("quorum must be in 1..min_clients")
+        if self.round_timeout is not None and self.round_timeout <= 0:
+            raise ValueError("round_timeout must be positive")
 
     # -- inputs ---------------------------------------------------------------
 
     def register(self, name: str, now: float) -> Registration:
-        """Registers `name`. Raises InvalidClientNameError, CapacityError."""
+        """Registers `name`, or re-registers it. Raises InvalidClientNameError,
+        CapacityError."""
         _check_name(name)
-        if name in self.clients:
-            return Registration(name, self.clients[name], is_new=False)
-        if len(self.clients) >= self.capacity:
+        is_new = name not in self.clients
+        if is_new and len(self.clients) >= self.capacity:
             raise CapacityError(self.capacity)
         first_round = self._dispatch(Event.REGISTER, name, now)
         assert isinstance(first_round, int)
-        return Registration(name, first_round, is_new=True)
+        return Registration(name, first_round, is_new, self._model_round_for(first_round))
 
     def submit(self, client_id: str, round: int, digest: bytes, payload: P) -> Accepted[P]:
         """Records an update. Raises UnknownClientError, RoundError subclasses,
@@ -149,8 +180,7 @@ class RoundMachine(Generic[P]):
         self.received[client_id] = Update(client_id, digest, payload)
         closed = None
         if self.received.keys() >= self.cohort:
-            closed = tuple(self.received[c] for c in sorted(self.cohort))
-            self.phase = Phase.AGGREGATING
+            closed = self._close()
         return Accepted(round, False, len(self.received), len(self.cohort), closed)
 
     def published(self, round: int, now: float) -> None:
@@ -159,15 +189,38 @@ class RoundMachine(Generic[P]):
             raise IllegalTransitionError(f"published round {round}, open is {self.open_round}")
         self._dispatch(Event.PUBLISH, now)
 
+    def tick(self, now: float) -> Accepted[P] | Aborted[P] | None:
+        """Applies the round deadline, if it has passed: returns the closed
+        round (aggregate it, then call `published`), the aborted round, or None."""
+        deadline = self.deadline
+        if deadline is None or now < deadline:
+            return None
+        outcome = self._dispatch(Event.DEADLINE, now)
+        assert outcome is None or isinstance(outcome, Accepted | Aborted)
+        return outcome
+
     # -- queries (never mutate) ------------------------------------------------
+
+    @property
+    def deadline(self) -> float | None:
+        """When the open round times out; None if it cannot."""
+        if self.phase is not Phase.COLLECTING or self.round_timeout is None:
+            return None
+        assert self.opened_at is not None
+        return self.opened_at + self.round_timeout
+
+    @property
+    def active(self) -> frozenset[str]:
+        return frozenset(self.clients.keys() - self.inactive)
 
     def check_submit(self, client_id: str, round: int, digest: bytes) -> Accepted[P] | None:
         """Raises what `submit` would raise. Returns the acknowledgement if this
         is a duplicate of an update already counted, else None."""
-        first_round = self._known(client_id)
+        self._known(client_id)
         if self.phase is Phase.FINISHED and round >= self.open_round:
             raise RunFinishedError(client_id, round, self.open_round)
-        if round > self.open_round or self.phase is Phase.WAITING_FOR_CLIENTS:
+        if round > self.open_round or (
+                round == self.open_round and self.phase is Phase.WAITING_FOR_CLIENTS):
             raise FutureRoundError(client_id, round, self.open_round)
         if round < self.open_round:
             if round == self.published_round and self.last_digests.get(client_id) == digest:
@@ -175,7 +228,6 @@ class RoundMachine(Generic[P]):
                 return Accepted(round, True, n, n)
             raise StaleRoundError(client_id, round, self.open_round)
         if client_id not in self.cohort:
-            assert first_round > round
             raise NotInCohortError(client_id, round, self.open_round)
         previous = self.received.get(client_id)
         if previous is None:
@@ -190,13 +242,15 @@ class RoundMachine(Generic[P]):
         """Whether the global model after `round` can be served now.
 
         Raises UnknownClientError, StaleRoundError (older than the latest
-        published model, which is all the server keeps), FutureRoundError or
-        RunFinishedError (later than the open round)."""
+        published model, which is all the server keeps), RoundAbortedError,
+        FutureRoundError or RunFinishedError (later than the open round)."""
         self._known(client_id)
         if round == self.published_round:
             return ModelStatus.READY
         if round < self.published_round:
             raise StaleRoundError(client_id, round, self.open_round)
+        if round < self.open_round:
+            raise RoundAbortedError(round)
         if self.phase is Phase.FINISHED:
             raise RunFinishedError(client_id, round, self.open_round)
         if round > self.open_round:
@@ -211,35 +265,64 @@ class RoundMachine(Generic[P]):
             raise IllegalTransitionError(f"{event.value} while {self.phase.value}")
         return handler(self, *args)
 
-    def _register_before_start(self, name: str, now: float) -> int:
-        self.clients[name] = 1
-        if len(self.clients) >= self.min_clients:
+    def _register_while_waiting(self, name: str, now: float) -> int:
+        self._enrol(name)
+        needed = self.min_clients if self.open_round == 1 else self.quorum
+        if len(self.active) >= needed:
             self._open(now)
-        return 1
+        return self.open_round
 
     def _register_during_run(self, name: str, now: float) -> int:
-        self.clients[name] = self.open_round + 1
-        return self.open_round + 1
+        self._enrol(name)
+        waiting_for_it = (self.phase is Phase.COLLECTING and name in self.cohort
+                          and name not in self.received)
+        return self.open_round if waiting_for_it else self.open_round + 1
 
     def _register_after_end(self, name: str, now: float) -> int:
-        self.clients[name] = self.open_round
+        self._enrol(name)
         return self.open_round
 
     def _publish(self, now: float) -> None:
         self.published_round = self.open_round
         self.last_digests = {c: u.digest for c, u in self.received.items()}
+        self._next_round(now)
+
+    def _deadline(self, now: float) -> Accepted[P] | Aborted[P]:
+        self.inactive |= self.cohort - self.received.keys()
+        if len(self.received) >= self.quorum:
+            closed = self._close()
+            return Accepted(self.open_round, False, len(closed), len(self.cohort), closed)
+        aborted = Aborted(self.open_round, tuple(self.received[c] for c in sorted(self.received)))
+        self._next_round(now)
+        return aborted
+
+    def _close(self) -> tuple[Update[P], ...]:
+        self.phase = Phase.AGGREGATING
+        return tuple(self.received[c] for c in sorted(self.received))
+
+    def _next_round(self, now: float) -> None:
         self.received = {}
+        self.cohort = frozenset()
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:
             self.phase = Phase.FINISHED
-            self.cohort = frozenset()
-            return
-        self._open(now)
+        elif len(self.active) >= self.quorum:
+            self._open(now)
+        else:
+            self.phase = Phase.WAITING_FOR_CLIENTS
 
     def _open(self, now: float) -> None:
         self.phase = Phase.COLLECTING
-        self.cohort = frozenset(self.clients)
+        self.cohort = self.active
         self.opened_at = now
+
+    def _enrol(self, name: str) -> None:
+        self.clients.setdefault(name, self.open_round)
+        self.inactive.discard(name)
+
+    def _model_round_for(self, first_round: int) -> int:
+        before = first_round - 1
+        return before if before >= self.open_round else min(before, self.published_round)
 
     def _known(self, client_id: str) -> int:
         try:
@@ -247,16 +330,47 @@ class RoundMachine(Generic[P]):
         except KeyError:
             raise UnknownClientError(client_id) from None
 
+    # -- recovery -------------------------------------------------------------
+
+    def restore(self, clients: dict[str, int], published_round: int, open_round: int,
+                cohort: frozenset[str] | None, received: Iterable[Update[P]],
+                now: float) -> Accepted[P] | None:
+        """Puts a fresh machine in the state a crashed server left on disk:
+        `received` are the updates acknowledged for `open_round`, `cohort` that
+        round's cohort if it had opened. Returns the closed round if those
+        updates already complete it (aggregate it, then call `published`)."""
+        if self.clients or self.open_round != 1:
+            raise IllegalTransitionError("restore needs a fresh machine")
+        self.clients = dict(clients)
+        self.published_round = published_round
+        self.open_round = open_round
+        if self.total_rounds and open_round > self.total_rounds:
+            self.phase = Phase.FINISHED
+            return None
+        if cohort is None:
+            self.phase = Phase.WAITING_FOR_CLIENTS
+            needed = self.min_clients if open_round == 1 else self.quorum
+            if len(self.active) >= needed:
+                self._open(now)
+            return None
+        self.phase, self.cohort, self.opened_at = Phase.COLLECTING, cohort, now
+        self.received = {u.client_id: u for u in received if u.client_id in cohort}
+        if self.received.keys() >= self.cohort:
+            closed = self._close()
+            return Accepted(open_round, False, len(closed), len(cohort), closed)
+        return None
+
 
 # Which handler each (phase, event) runs; a missing pair is an illegal input.
-# SUBMIT is not here: `check_submit` decides it from the round numbers, since
-# its outcome depends on the round named as much as on the phase.
+# Submissions are not here: `check_submit` decides them from the round numbers,
+# since their outcome depends on the round named as much as on the phase.
 _TRANSITIONS: dict[tuple[Phase, Event], Callable[..., object]] = {
-    (Phase.WAITING_FOR_CLIENTS, Event.REGISTER): RoundMachine._register_before_start,
+    (Phase.WAITING_FOR_CLIENTS, Event.REGISTER): RoundMachine._register_while_waiting,
     (Phase.COLLECTING, Event.REGISTER): RoundMachine._register_during_run,
     (Phase.AGGREGATING, Event.REGISTER): RoundMachine._register_during_run,
     (Phase.FINISHED, Event.REGISTER): RoundMachine._register_after_end,
     (Phase.AGGREGATING, Event.PUBLISH): RoundMachine._publish,
+    (Phase.COLLECTING, Event.DEADLINE): RoundMachine._deadline,
 }
 
 

@@ -12,8 +12,11 @@ Does file I/O; must not import grpc.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,18 +24,33 @@ from pathlib import Path
 
 import torch
 
+from paramserver import codec
 from paramserver.averaging import fold, weight_fractions
 from paramserver.codec import ModelSpec, payload_size, tensor_view
+from paramserver.errors import DecodeError
+from paramserver.v1 import parameter_server_pb2 as pb
+
+log = logging.getLogger("paramserver.spool")
+
+# An update file: magic, u32 little-endian header length, the UpdateHeader as
+# protobuf, then the payload. The header travels in the same file so that one
+# atomic rename makes the whole acknowledged update durable.
+UPDATE_MAGIC = b"PSUPD01\n"
 
 BLOCK_BYTES = 4 << 20  # per input read; bounds aggregation memory beyond the output
 
 
 @dataclass(frozen=True)
 class SpooledUpdate:
-    """A committed update: its file and its weight."""
+    """A committed update: its file, where its payload starts, its header."""
 
     path: Path
-    num_examples: int
+    offset: int
+    header: codec.UpdateHeader
+
+    @property
+    def num_examples(self) -> int:
+        return self.header.num_examples
 
 
 class SpoolWriter:
@@ -42,12 +60,16 @@ class SpoolWriter:
     `discard`. `discard` after `commit` does nothing, so it can sit in `finally`.
     """
 
-    def __init__(self, final: Path, durable: bool) -> None:
+    def __init__(self, final: Path, header: codec.UpdateHeader, durable: bool) -> None:
         self._final = final
         self._temp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.part")
         self._durable = durable
+        self._header = header
         self._file = open(self._temp, "wb")  # noqa: SIM115 - closed in seal/discard
         self._committed = False
+        encoded = codec.update_header_to_proto(header).SerializeToString()
+        self._offset = len(UPDATE_MAGIC) + 4 + len(encoded)
+        self._file.write(UPDATE_MAGIC + struct.pack("<I", len(encoded)) + encoded)
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
@@ -58,12 +80,12 @@ class SpoolWriter:
             os.fsync(self._file.fileno())
         self._file.close()
 
-    def commit(self) -> Path:
+    def commit(self) -> SpooledUpdate:
         os.replace(self._temp, self._final)
         self._committed = True
         if self._durable:
             _fsync_dir(self._final.parent)
-        return self._final
+        return SpooledUpdate(self._final, self._offset, self._header)
 
     def discard(self) -> None:
         if self._committed:
@@ -80,13 +102,57 @@ class Spool:
         self.durable = durable
         root.mkdir(parents=True, exist_ok=True)
 
-    def writer(self, round: int, client_id: str) -> SpoolWriter:
-        directory = self.root / f"round-{round:08d}"
+    def round_dir(self, round: int) -> Path:
+        return self.root / f"round-{round:08d}"
+
+    def writer(self, header: codec.UpdateHeader) -> SpoolWriter:
+        directory = self.round_dir(header.round)
         directory.mkdir(exist_ok=True)
-        return SpoolWriter(directory / f"{client_id}.update", self.durable)
+        return SpoolWriter(directory / f"{header.client_id}.update", header, self.durable)
 
     def drop_round(self, round: int) -> None:
-        shutil.rmtree(self.root / f"round-{round:08d}", ignore_errors=True)
+        shutil.rmtree(self.round_dir(round), ignore_errors=True)
+
+    def drop_rounds_before(self, round: int) -> None:
+        for path in self.root.glob("round-*"):
+            if path.is_dir() and int(path.name.removeprefix("round-")) < round:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def load_round(self, round: int, specs: ModelSpec) -> list[SpooledUpdate]:
+        """The committed updates of `round`, each checked against its digest.
+        A file that fails the check cannot have been acknowledged (the ack
+        follows the rename, which follows the fsync); it is removed."""
+        directory = self.round_dir(round)
+        found = []
+        for path in sorted(directory.glob("*.update")) if directory.is_dir() else []:
+            try:
+                found.append(read_update(path, specs))
+            except (DecodeError, OSError) as error:
+                log.warning("discarding unreadable update file %s: %s", path, error)
+                path.unlink(missing_ok=True)
+        for temp in directory.glob(".*.part") if directory.is_dir() else []:
+            temp.unlink(missing_ok=True)  # an upload that never completed
+        return found
+
+
+def read_update(path: Path, specs: ModelSpec) -> SpooledUpdate:
+    """Parses and verifies an update file. Raises DecodeError, OSError."""
+    with open(path, "rb") as f:
+        prefix = f.read(len(UPDATE_MAGIC) + 4)
+        if len(prefix) != len(UPDATE_MAGIC) + 4 or not prefix.startswith(UPDATE_MAGIC):
+            raise DecodeError(f"{path.name}: not an update file")
+        (length,) = struct.unpack("<I", prefix[len(UPDATE_MAGIC):])
+        header = codec.update_header_from_proto(
+            codec.parse_message(pb.UpdateHeader, f.read(length)))
+        codec.check_specs_match(header.specs, specs)
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    if size != payload_size(specs) or digest.digest() != header.sha256:
+        raise DecodeError(f"{path.name}: payload does not match its header")
+    return SpooledUpdate(path, len(UPDATE_MAGIC) + 4 + length, header)
 
 
 def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
@@ -100,7 +166,7 @@ def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
     out_view = memoryview(out)
     files = [open(u.path, "rb") for u in updates]  # noqa: SIM115 - closed below
     try:
-        fds = [f.fileno() for f in files]
+        fds = [(f.fileno(), u.offset) for f, u in zip(files, updates, strict=True)]
         offset = 0
         for spec in specs:
             step = max(1, block_bytes // spec.dtype.itemsize) * spec.dtype.itemsize
@@ -116,13 +182,13 @@ def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
     return out
 
 
-def _read_blocks(fds: Sequence[int], start: int, size: int,
+def _read_blocks(fds: Sequence[tuple[int, int]], start: int, size: int,
                  dtype: torch.dtype) -> Iterator[torch.Tensor]:
     # One buffer reused for every client: the fold consumes each block before
     # the next is read.
     buffer = bytearray(size)
-    for fd in fds:
-        got = os.preadv(fd, [buffer], start)
+    for fd, base in fds:
+        got = os.preadv(fd, [buffer], base + start)
         if got != size:
             raise OSError(f"short read from update file: {got} of {size} bytes")
         yield torch.frombuffer(buffer, dtype=torch.uint8).view(dtype)

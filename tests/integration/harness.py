@@ -113,7 +113,9 @@ class ServerProcess:
         self._check_alive()
 
     def spool_files(self) -> list[Path]:
-        return sorted(p for p in self.spool_dir.rglob("*") if p.is_file())
+        """Update files, committed or partial (not the round bookkeeping files)."""
+        return sorted(p for p in self.spool_dir.rglob("*")
+                      if p.is_file() and (p.suffix == ".update" or p.name.endswith(".part")))
 
     def stop(self) -> int:
         """SIGTERM (graceful), SIGKILL after 10 s; returns the exit code."""
@@ -151,12 +153,14 @@ class ClientProcess:
 
 @contextlib.contextmanager
 def running(command: list[str], log_path: Path, logs: list[Path],
-            ) -> Iterator[subprocess.Popen[bytes]]:
-    """A subprocess with stdout and stderr in `log_path`; stopped and reaped on exit."""
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A subprocess with stdout and stderr in `log_path` (appended to, so a
+    restarted server keeps one log); stopped and reaped on exit. `env` adds to
+    the environment."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logs.append(log_path)
-    with open(log_path, "wb") as log:
-        process = processes.spawn(command, log)
+    with open(log_path, "ab") as log:
+        process = processes.spawn(command, log, env={**os.environ, **env} if env else None)
     try:
         yield process
     finally:
@@ -198,19 +202,22 @@ class ServerFactory:
     _count: int = 0
 
     def __call__(self, *extra: str, clients: int = 2, rounds: int = 0,
-                 eval_examples: int = 0) -> ServerProcess:
+                 eval_examples: int = 0, state_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+        """Starts a server; pass the `state_dir` of an earlier one to resume it."""
         self._count += 1
         workdir = self.tmp_path / f"server{self._count}"
         workdir.mkdir(parents=True)
         ready, round_log = workdir / "ready.json", workdir / "rounds.jsonl"
-        spool = workdir / "spool"
+        state_dir = state_dir or workdir / "state"
+        spool = state_dir / "updates"
         command = processes.paramserver_command(
             "serve", "--host", HOST, "--port", "0", "--ready-file", str(ready),
-            "--round-log", str(round_log), "--spool-dir", str(spool),
+            "--round-log", str(round_log), "--state-dir", str(state_dir),
             "--clients", str(clients), "--rounds", str(rounds),
             "--eval-examples", str(eval_examples), *extra)
         log_path = workdir / "server.log"
-        process = self.stack.enter_context(running(command, log_path, self.logs))
+        process = self.stack.enter_context(running(command, log_path, self.logs, env))
         try:
             port = processes.wait_for_ready_file(ready, process, timeout=READY_TIMEOUT)
         except (RuntimeError, TimeoutError) as error:

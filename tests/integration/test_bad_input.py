@@ -522,7 +522,8 @@ def test_update_from_a_client_that_joined_during_the_round(shared: SharedServer,
     assert registration.first_round == 2
     expect_refusal(shared.server, lambda: send(shared.stub, upload("newcomer", 1, shared.good)),
                    grpc.StatusCode.FAILED_PRECONDITION,
-                   ("'newcomer' joined during round 1", "from round 2"), "NotInCohortError")
+                   ("'newcomer' is not in the cohort of round 1", "from round 2"),
+                   "NotInCohortError")
     expect_refusal(shared.server, lambda: send(shared.stub, upload("newcomer", 2, shared.good)),
                    grpc.StatusCode.FAILED_PRECONDITION, ("round 2 has not opened yet",),
                    "FutureRoundError")

@@ -10,37 +10,33 @@ import torch
 from paramserver import codec, errors
 from paramserver.averaging import average_state_dicts
 from paramserver.client import ParameterServerClient, RemoteError, RetryPolicy
+from paramserver.coordinator import ServerConfig
 from paramserver.server import (
     STATUS_BY_ERROR,
     RunningServer,
-    ServerConfig,
     create_server,
     status_code_for,
 )
 
 MODEL = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "n": torch.tensor(0)}
 
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RunningServer]:
-    running = create_server(ServerConfig(min_clients=2, total_rounds=2, spool_dir=tmp_path,
+    running = create_server(ServerConfig(min_clients=2, total_rounds=2, state_dir=tmp_path,
                                          chunk_size=16), MODEL)
     try:
         yield running
     finally:
         running.stop(grace=0)
 
-
 @pytest.fixture
 def client(server: RunningServer) -> Iterator[ParameterServerClient]:
     with ParameterServerClient(f"127.0.0.1:{server.port}", timeout=10, chunk_size=16) as c:
         yield c
 
-
 def update(value: float) -> dict[str, torch.Tensor]:
     return {"w": torch.full((4, 3), value), "b": torch.full((3,), -value),
             "n": torch.tensor(int(value))}
-
 
 def test_round_trip_through_the_barrier(client: ParameterServerClient) -> None:
     reg_a, reg_b = client.register("a"), client.register("b")
@@ -60,7 +56,6 @@ def test_round_trip_through_the_barrier(client: ParameterServerClient) -> None:
     assert header.metrics["loss"] == pytest.approx(1.75)
     assert codec.state_dict_digest(model) == header.sha256
 
-
 def test_errors_carry_their_class_across_the_wire(client: ParameterServerClient) -> None:
     client.register("a")
     with pytest.raises(errors.UnknownClientError, match="ghost"):
@@ -76,7 +71,6 @@ def test_errors_carry_their_class_across_the_wire(client: ParameterServerClient)
     with pytest.raises(errors.ConflictingUpdateError):
         client.send_update("a", 1, update(2.0), 1)
 
-
 def test_waiting_for_an_open_round_honours_the_deadline(client: ParameterServerClient) -> None:
     client.register("a")
     client.register("b")
@@ -84,12 +78,10 @@ def test_waiting_for_an_open_round_honours_the_deadline(client: ParameterServerC
         client.get_model("a", 1, timeout=0.3)
     assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
 
-
 def test_every_error_class_has_one_status() -> None:
     assert status_code_for(errors.StaleRoundError("c", 1, 2)) is grpc.StatusCode.FAILED_PRECONDITION
     assert status_code_for(errors.DecodeError("x")) is grpc.StatusCode.INVALID_ARGUMENT
     assert grpc.StatusCode.OK not in STATUS_BY_ERROR.values()
-
 
 def test_client_gives_up_after_retries_when_nobody_listens() -> None:
     policy = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.02)

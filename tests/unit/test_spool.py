@@ -10,12 +10,18 @@ from paramserver.averaging import average_state_dicts
 from paramserver.spool import Spool, SpooledUpdate, aggregate
 
 
+def header(client: str, sd: dict[str, torch.Tensor], weight: int,
+           round: int = 1) -> codec.UpdateHeader:
+    return codec.UpdateHeader(client, round, weight, codec.spec_of(sd),
+                              codec.state_dict_digest(sd), {"loss": 1.0})
+
+
 def write(spool: Spool, client: str, sd: dict[str, torch.Tensor], weight: int) -> SpooledUpdate:
-    writer = spool.writer(1, client)
+    writer = spool.writer(header(client, sd, weight))
     for chunk in codec.iter_chunks(codec.payload_views(sd), 1000):
         writer.write(chunk)
     writer.seal()
-    return SpooledUpdate(writer.commit(), weight)
+    return writer.commit()
 
 
 def test_aggregate_from_disk_equals_in_memory_average(tmp_path: Path) -> None:
@@ -30,18 +36,34 @@ def test_aggregate_from_disk_equals_in_memory_average(tmp_path: Path) -> None:
 
 def test_discard_leaves_nothing_and_commit_is_atomic(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    writer = spool.writer(3, "c1")
+    sd = {"w": torch.arange(4.0)}
+    writer = spool.writer(header("c1", sd, 2, round=3))
     writer.write(b"partial")
     writer.discard()
     assert list((tmp_path / "round-00000003").iterdir()) == []
-    writer = spool.writer(3, "c1")
-    writer.write(b"whole")
+    writer = spool.writer(header("c1", sd, 2, round=3))
+    writer.write(b"".join(codec.payload_views(sd)))
     writer.seal()
-    path = writer.commit()
+    committed = writer.commit()
     writer.discard()  # after commit: a no-op
-    assert path.read_bytes() == b"whole"
+    assert spool.load_round(3, codec.spec_of(sd)) == [committed]
     spool.drop_round(3)
     assert not (tmp_path / "round-00000003").exists()
+
+
+def test_load_round_drops_corrupt_and_partial_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    sd = {"w": torch.arange(4.0)}
+    good = write(spool, "good", sd, 1)
+    bad = write(spool, "bad", sd, 1)
+    data = bytearray(bad.path.read_bytes())
+    data[-1] ^= 0xFF
+    bad.path.write_bytes(bytes(data))
+    partial = spool.writer(header("partial", sd, 1))
+    partial.write(b"xx")
+    partial.seal()  # never committed: a crash before the rename
+    assert spool.load_round(1, codec.spec_of(sd)) == [good]
+    assert sorted(p.name for p in spool.round_dir(1).iterdir()) == ["good.update"]
 
 
 _PEAK_SCRIPT = """
@@ -52,7 +74,8 @@ from paramserver import codec
 from paramserver.spool import SpooledUpdate, aggregate
 root, clients = Path(sys.argv[1]), int(sys.argv[2])
 specs = (codec.TensorSpec("w", torch.float32, (2048, 2048)),)
-updates = [SpooledUpdate(root / f"c{i:03d}.update", i + 1) for i in range(clients)]
+updates = [SpooledUpdate(root / f"c{i:03d}.update", 0, codec.UpdateHeader(
+    f"c{i:03d}", 1, i + 1, specs, bytes(32))) for i in range(clients)]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 payload = aggregate(specs, updates)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)

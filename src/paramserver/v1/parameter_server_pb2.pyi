@@ -49,18 +49,20 @@ class RegisterClientRequest(_message.Message):
     def __init__(self, client_name: _Optional[str] = ...) -> None: ...
 
 class RegisterClientResponse(_message.Message):
-    __slots__ = ("client_id", "first_round", "total_rounds", "min_clients", "tensors")
+    __slots__ = ("client_id", "first_round", "total_rounds", "min_clients", "tensors", "model_round")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ROUND_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     first_round: int
     total_rounds: int
     min_clients: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    model_round: int
+    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "round", "num_examples", "tensors", "sha256", "metrics")

@@ -59,7 +59,10 @@ class ParameterServerServicer:
     def RegisterClient(self, request, context):
         """Registers a client by name. Idempotent: the same name always gets the same
         client_id and no second slot. A client that registers while round r is
-        open takes part from round r+1 (first_round in the response).
+        open takes part from round r+1 (first_round in the response). Registering
+        again is also how a client re-syncs after a crash, a dropout, an aborted
+        round or a FAILED_PRECONDITION: the response says which model to fetch
+        (model_round) and which round to send for (first_round).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,175 @@
+"""Durable server state besides the updates: the published global model, the
+registered clients, and each round's cohort.
+
+Every file is written atomically: temp file, fsync, rename, fsync of the
+directory. The global model also keeps its previous version and carries a
+content hash, so a corrupt or missing latest file falls back to the previous
+one (whose round's updates are still in the spool, so nothing is lost: the
+server re-aggregates them, bit for bit).
+
+Does file I/O; must not import grpc.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from paramserver import codec
+from paramserver.errors import DecodeError, ParamServerError
+from paramserver.v1 import parameter_server_pb2 as pb
+
+log = logging.getLogger("paramserver.state")
+
+MODEL_MAGIC = b"PSMOD01\n"
+MODEL_FILE = "global.model"
+PREVIOUS_MODEL_FILE = "global.model.prev"
+CLIENTS_FILE = "clients.json"
+RUN_FILE = "run.json"
+LOCK_FILE = "lock"
+
+
+class StateDirError(ParamServerError):
+    """The state dir cannot be used: locked by another server, or another run."""
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    header: codec.ModelHeader
+    payload: bytes
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = True,
+                 before_rename: Callable[[], None] | None = None) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
+    os.replace(temp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateDir:
+    """The durable state of one server. `durable=False` skips the fsyncs (for
+    tests and benchmarks that do not kill the machine)."""
+
+    def __init__(self, root: Path, durable: bool = True) -> None:
+        self.root = root
+        self.durable = durable
+        root.mkdir(parents=True, exist_ok=True)
+        # One server per state dir: a second one would interleave two runs.
+        self._lock = open(root / LOCK_FILE, "w")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StateDirError(f"state dir {root} is in use by another server") from None
+
+    def close(self) -> None:
+        self._lock.close()
+
+    def check_run(self, run: Mapping[str, object]) -> None:
+        """Records what run this dir holds; raises StateDirError if it holds
+        another one (a different initial model), so nothing is mixed."""
+        path = self.root / RUN_FILE
+        if path.exists():
+            stored = json.loads(path.read_text())
+            if stored != dict(run):
+                raise StateDirError(
+                    f"state dir {self.root} holds another run ({stored}); use another "
+                    "--state-dir, or --fresh to discard it")
+            return
+        self.write_json(path, dict(run))
+
+    # -- global model ----------------------------------------------------------
+
+    def save_model(self, header: codec.ModelHeader, payload: bytes | bytearray,
+                   crash: Callable[[], None] | None = None) -> None:
+        """Keeps the current file as the previous version, then installs the
+        new one. A crash in between leaves the previous file, from which the
+        server recovers. `crash` is a test hook run just before the renames."""
+        encoded = codec.model_header_to_proto(header).SerializeToString()
+        data = MODEL_MAGIC + struct.pack("<I", len(encoded)) + encoded + payload
+        current = self.root / MODEL_FILE
+
+        def rotate() -> None:
+            if crash is not None:
+                crash()
+            if current.exists():
+                os.replace(current, self.root / PREVIOUS_MODEL_FILE)
+
+        write_atomic(current, data, self.durable, before_rename=rotate)
+
+    def load_model(self) -> StoredModel | None:
+        """The newest intact global model, or None if there is none."""
+        for name in (MODEL_FILE, PREVIOUS_MODEL_FILE):
+            path = self.root / name
+            if not path.exists():
+                continue
+            try:
+                return _parse_model(path.read_bytes())
+            except DecodeError as error:
+                log.warning("global model file %s is corrupt (%s); trying the previous", path,
+                            error)
+        return None
+
+    # -- clients and cohorts ---------------------------------------------------
+
+    def save_clients(self, clients: Mapping[str, int]) -> None:
+        write_atomic(self.root / CLIENTS_FILE, json.dumps(dict(clients)).encode(), self.durable)
+
+    def load_clients(self) -> dict[str, int]:
+        path = self.root / CLIENTS_FILE
+        if not path.exists():
+            return {}
+        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
+    def write_json(self, path: Path, value: object) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(value).encode(), self.durable)
+
+    def save_cohort(self, round: int, cohort: frozenset[str], directory: Path) -> None:
+        self.write_json(directory / "cohort.json", {"round": round, "cohort": sorted(cohort)})
+
+    @staticmethod
+    def load_cohort(directory: Path) -> frozenset[str] | None:
+        path = directory / "cohort.json"
+        if not path.exists():
+            return None
+        return frozenset(json.loads(path.read_text())["cohort"])
+
+
+def _parse_model(data: bytes) -> StoredModel:
+    head = len(MODEL_MAGIC) + 4
+    if len(data) < head or not data.startswith(MODEL_MAGIC):
+        raise DecodeError("not a global model file")
+    (length,) = struct.unpack("<I", data[len(MODEL_MAGIC):head])
+    header = codec.model_header_from_proto(
+        codec.parse_message(pb.ModelHeader, data[head:head + length]))
+    payload = data[head + length:]
+    if len(payload) != codec.payload_size(header.specs):
+        raise DecodeError(f"payload is {len(payload)} bytes, specs need "
+                          f"{codec.payload_size(header.specs)}")
+    if hashlib.sha256(payload).digest() != header.sha256:
+        raise DecodeError("payload does not match its sha256")
+    return StoredModel(header, payload)
