@@ -24,7 +24,7 @@ from types import FrameType
 
 import torch
 
-from paramserver import codec, errors, processes, training
+from paramserver import codec, errors, faults, processes, training
 
 log = logging.getLogger("paramserver")
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the parameter server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument("--unix-socket", type=Path,
+                       help="listen on this unix socket instead of host:port "
+                            "(clients use --server unix:PATH)")
     serve.add_argument("--clients", type=int, default=2,
                        help="clients to wait for before round 1 (a round waits for all)")
     serve.add_argument("--rounds", type=int, default=0, help="rounds to run; 0 = no limit")
@@ -127,9 +130,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    running = create_server(config, model.state_dict(), f"{args.host}:{args.port}")
-    log.info("serving on %s:%d, waiting for %d clients, %s rounds, state in %s", args.host,
-             running.port, args.clients, args.rounds or "unlimited", args.state_dir)
+    address = f"unix:{args.unix_socket}" if args.unix_socket else f"{args.host}:{args.port}"
+    running = create_server(config, model.state_dict(), address)
+    log.info("serving on %s (port %d), waiting for %d clients, %s rounds, state in %s",
+             address, running.port, args.clients, args.rounds or "unlimited", args.state_dir)
     if args.ready_file:
         processes.write_ready_file(args.ready_file, running.port)
     stopping.wait()
@@ -169,9 +173,11 @@ def run_client(args: argparse.Namespace) -> int:
                 if header.round >= last or round > last:
                     break
                 loss = training.train(model, data, config, round, args.name)
+                faults.maybe_crash("client_before_upload", round)
                 ack = client.send_update(reg.client_id, round, model.state_dict(),
                                          len(data[0]), {"loss": loss})
                 sent.add(round)
+                faults.maybe_crash("client_after_upload", round)
                 print(f"{args.name} round {round}: train loss {loss:.4f}, "
                       f"{ack.received}/{ack.expected} in", flush=True)
                 model_round, round = round, round + 1

@@ -9,10 +9,11 @@ is ours; it is safe because the server acknowledges a re-sent identical update
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -21,7 +22,7 @@ import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from paramserver import codec, errors
+from paramserver import codec, errors, faults
 from paramserver.v1 import parameter_server_pb2 as pb
 from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
 
@@ -133,7 +134,8 @@ class ParameterServerClient:
         header = codec.UpdateHeader(client_id, round, num_examples, codec.spec_of(state_dict),
                                     codec.payload_digest(views), dict(metrics or {}))
         reply = self._call(lambda: self._stub.SendUpdate(
-            codec.update_requests(header, views, self.chunk_size), timeout=self.timeout))
+            _with_crash_point(codec.update_requests(header, views, self.chunk_size), round),
+            timeout=self.timeout))
         return Ack(reply.round, reply.duplicate, reply.received, reply.expected)
 
     def get_model(self, client_id: str, round: int, timeout: float | None = None,
@@ -156,6 +158,21 @@ class ParameterServerClient:
                          error.details(), attempt + 1, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _with_crash_point(requests: Iterator[pb.SendUpdateRequest],
+                      round: int) -> Iterator[pb.SendUpdateRequest]:
+    # A chaos test's client dies after the header and the first data chunk.
+    if not faults.is_armed("client_during_upload", round):
+        return requests
+    return itertools.chain(itertools.islice(requests, 2), _crash_then(requests, round))
+
+
+def _crash_then(requests: Iterator[pb.SendUpdateRequest],
+                round: int) -> Iterator[pb.SendUpdateRequest]:
+    time.sleep(0.2)  # let the first chunks reach the server
+    faults.maybe_crash("client_during_upload", round)
+    yield from requests
 
 
 def _receive_model(responses: object) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:

@@ -22,11 +22,10 @@ crash because the average depends only on the set of updates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -35,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from paramserver import codec
+from paramserver import codec, faults
 from paramserver.averaging import average_metrics, validate_state_dict, weight_fractions
-from paramserver.errors import CapacityError, DecodeError, ParamServerError, ShuttingDownError
+from paramserver.errors import CapacityError, DecodeError, ShuttingDownError
 from paramserver.rounds import (
     Aborted,
     Accepted,
@@ -52,11 +51,6 @@ from paramserver.state import StateDir
 log = logging.getLogger("paramserver.server")
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], Mapping[str, float]]
-
-# For chaos tests only: "<point>:<round>" makes the server SIGKILL itself there.
-CRASH_ENV = "PARAMSERVER_TEST_CRASH_AT"
-CRASH_POINTS = ("before_ack", "after_ack", "during_aggregation", "during_model_write")
-
 
 @dataclass(frozen=True)
 class GlobalModel:
@@ -104,7 +98,6 @@ class Coordinator:
         self._stopping = False
         self._persisted_round = 0
         self._workers: list[threading.Thread] = []
-        self._crash = _crash_point_from_env()
         self._resume()
         self._timer = threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True)
         self._timer.start()
@@ -150,13 +143,12 @@ class Coordinator:
                     return duplicate
                 accepted = self._machine.submit(header.client_id, header.round,
                                                 header.sha256, writer.commit())
-                self._maybe_crash("before_ack", header.round)
+                faults.maybe_crash("before_ack", header.round)
                 if accepted.closed is not None:
                     self._start_aggregation(accepted)
         finally:
             writer.discard()  # no-op after commit
-        if self._crash is not None and self._crash == ("after_ack", header.round):
-            threading.Timer(0.2, _kill_self).start()
+        faults.crash_at_next_call("after_ack", header.round)
         return accepted
 
     def wait_for_model(self, client_id: str, round: int,
@@ -164,6 +156,7 @@ class Coordinator:
         """The global model after `round`; None if `remaining()` runs out first.
         Raises ShuttingDownError, CapacityError (too many waiters) and what
         RoundMachine.model_status raises."""
+        self._check_running()
         with self._cond:
             if self._machine.model_status(client_id, round) is ModelStatus.READY:
                 return self._model
@@ -215,7 +208,7 @@ class Coordinator:
         started = time.perf_counter()
         opened_at = self._machine.opened_at  # stable: the round cannot reopen before publish
         payload = aggregate(self.specs, updates)
-        self._maybe_crash("during_aggregation", accepted.round)
+        faults.maybe_crash("during_aggregation", accepted.round)
         fractions = weight_fractions([u.num_examples for u in updates])
         metrics = average_metrics(fractions, [u.header.metrics for u in updates])
         if self._config.evaluator is not None:
@@ -225,8 +218,8 @@ class Coordinator:
             round=accepted.round, specs=self.specs, sha256=hashlib.sha256(payload).digest(),
             num_updates=len(updates), total_examples=sum(u.num_examples for u in updates),
             metrics=metrics)
-        self._state.save_model(header, payload, crash=self._crash_hook(
-            "during_model_write", accepted.round))
+        self._state.save_model(header, payload, crash=functools.partial(
+            faults.maybe_crash, "during_model_write", accepted.round))
         with self._cond:
             self._model = GlobalModel(header, payload)
             self._machine.published(accepted.round, self._clock())
@@ -330,6 +323,7 @@ class Coordinator:
     # -- odds and ends ----------------------------------------------------------------
 
     def _check_running(self) -> None:
+        faults.next_call()
         if self._stopping:
             raise ShuttingDownError()
 
@@ -345,25 +339,3 @@ class Coordinator:
         if self._config.round_log is not None:
             with open(self._config.round_log, "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-    def _maybe_crash(self, point: str, round: int) -> None:
-        if self._crash == (point, round):
-            _kill_self()
-
-    def _crash_hook(self, point: str, round: int) -> Callable[[], None] | None:
-        return _kill_self if self._crash == (point, round) else None
-
-
-def _crash_point_from_env() -> tuple[str, int] | None:
-    value = os.environ.get(CRASH_ENV)
-    if not value:
-        return None
-    point, _, round = value.partition(":")
-    if point not in CRASH_POINTS or not round.isdigit():
-        raise ParamServerError(f"{CRASH_ENV}={value!r}: expected one of {CRASH_POINTS}:<round>")
-    log.warning("test build: will SIGKILL itself at %s of round %s", point, round)
-    return point, int(round)
-
-
-def _kill_self() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)

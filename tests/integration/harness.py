@@ -236,12 +236,12 @@ class ClientFactory:
     logs: list[Path]
 
     def __call__(self, name: str, server: ServerProcess | str, *extra: str,
-                 examples: int = 200) -> ClientProcess:
+                 examples: int = 200, env: dict[str, str] | None = None) -> ClientProcess:
         address = server if isinstance(server, str) else server.address
         workdir = self.tmp_path / "clients"
         summary, log_path = workdir / f"{name}.json", workdir / f"{name}.log"
         command = processes.paramserver_command(
             "client", name, "--server", address, "--summary-file", str(summary),
             "--examples", str(examples), "--round-wait", "90", *extra)
-        process = self.stack.enter_context(running(command, log_path, self.logs))
+        process = self.stack.enter_context(running(command, log_path, self.logs, env))
         return ClientProcess(name, process, log_path, summary)
