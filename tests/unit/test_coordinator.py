@@ -1,0 +1,120 @@
+"""The coordinator driven directly: deadlines, aborts, resume after a crash,
+shutdown. Real threads and files, no gRPC."""
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from paramserver import codec, errors
+from paramserver.coordinator import Coordinator, GlobalModel, ServerConfig
+
+MODEL = {"w": torch.zeros(5)}
+
+
+def update(client: str, round: int, value: float) -> tuple[codec.UpdateHeader, list[bytes]]:
+    sd = {"w": torch.full((5,), value)}
+    header = codec.UpdateHeader(client, round, 10, codec.spec_of(sd),
+                                codec.state_dict_digest(sd))
+    return header, [b"".join(codec.payload_views(sd))]
+
+
+def send(coordinator: Coordinator, client: str, round: int, value: float) -> None:
+    header, chunks = update(client, round, value)
+    if coordinator.check_submit(header) is None:
+        coordinator.receive(header, chunks)
+
+
+def wait(coordinator: Coordinator, client: str, round: int) -> GlobalModel:
+    deadline = time.monotonic() + 10
+    model = coordinator.wait_for_model(client, round, lambda: deadline - time.monotonic())
+    assert model is not None, f"round {round} did not close"
+    return model
+
+
+Make = Callable[..., Coordinator]
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Make]:
+    made: list[Coordinator] = []
+
+    def factory(**changes: Any) -> Coordinator:
+        base = ServerConfig(min_clients=2, state_dir=tmp_path / "state", durable=False)
+        made.append(Coordinator(dataclasses.replace(base, **changes), MODEL))
+        return made[-1]
+
+    yield factory
+    for coordinator in made:
+        coordinator.shutdown(timeout=5)
+
+
+def test_round_below_quorum_is_aborted_and_the_model_kept(make: Make) -> None:
+    coordinator = make(round_timeout=0.3, quorum=2)
+    coordinator.register("a")
+    coordinator.register("b")
+    send(coordinator, "a", 1, 1.0)
+    with pytest.raises(errors.RoundAbortedError):
+        wait(coordinator, "a", 1)
+    reg = coordinator.register("a")  # re-sync
+    assert (reg.first_round, reg.model_round) == (2, 0)
+    assert coordinator.model.header.round == 0
+
+
+def test_deadline_closes_with_quorum_and_drops_the_silent_client(make: Make) -> None:
+    coordinator = make(round_timeout=0.3, quorum=1)
+    for name in ("a", "b"):
+        coordinator.register(name)
+    send(coordinator, "a", 1, 4.0)
+    model = wait(coordinator, "a", 1)
+    assert model.header.num_updates == 1
+    send(coordinator, "a", 2, 2.0)  # b is inactive now: round 2 needs only a
+    assert wait(coordinator, "a", 2).header.num_updates == 1
+    with pytest.raises(errors.NotInCohortError):
+        send(coordinator, "b", 3, 1.0)
+
+
+def test_restart_resumes_the_open_round_with_acknowledged_updates(tmp_path: Path) -> None:
+    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True)
+    first = Coordinator(config, MODEL)
+    first.register("a")
+    first.register("b")
+    send(first, "a", 1, 1.0)
+    first._state.close()  # what a crash does to the lock; nothing else is flushed
+    second = Coordinator(config, MODEL)
+    try:
+        header, _ = update("a", 1, 1.0)
+        ack = second.check_submit(header)
+        assert ack is not None, "the acknowledged update was lost"
+        assert ack.duplicate
+        send(second, "b", 1, 3.0)
+        assert wait(second, "a", 1).header.num_updates == 2
+    finally:
+        second.shutdown(timeout=5)
+
+
+def test_shutdown_releases_waiters_with_unavailable(make: Make) -> None:
+    coordinator = make()
+    coordinator.register("a")
+    coordinator.register("b")
+    raised: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            wait(coordinator, "a", 1)
+        except errors.ParamServerError as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.2)
+    coordinator.shutdown()
+    thread.join(5)
+    assert [type(e) for e in raised] == [errors.ShuttingDownError]
+    with pytest.raises(errors.ShuttingDownError):
+        coordinator.register("c")
