@@ -71,7 +71,8 @@ def main() -> int:
         server = processes.spawn(processes.paramserver_command(
             "--log-level", "WARNING", "serve", "--port", "0", "--clients", str(args.clients),
             "--rounds", str(args.rounds), "--eval-examples", "0", "--ready-file", str(ready),
-            "--round-log", str(Path(tmp) / "rounds.jsonl")), log)
+            "--round-log", str(Path(tmp) / "rounds.jsonl"), "--state-dir",
+            str(Path(tmp) / "state")), log)
         try:
             port = processes.wait_for_ready_file(ready, server, timeout=60)
             samples = sample_while_running(server, Path(tmp) / "rounds.jsonl", args, port,
@@ -113,31 +114,33 @@ def sample_while_running(server: object, round_log: Path, args: argparse.Namespa
 def report(samples: dict[str, list[float]], args: argparse.Namespace) -> int:
     warm = [i for i, r in enumerate(samples["round"]) if r >= args.warmup]
     xs = [samples["round"][i] for i in warm]
-    rss = [samples["rss"][i] for i in warm]
-    summary: dict[str, object] = {
+    # Slopes over the rounds after warm-up. Flat: less than one thread or
+    # descriptor gained per 200 rounds (a leak of one per round has slope 1;
+    # momentary update files make noise around 0).
+    slopes = {k: slope(xs, [samples[k][i] for i in warm]) if len(xs) > 2 else None
+              for k in ("rss", "threads", "fds")}
+    flat = all(slopes[k] is not None and abs(slopes[k] or 0) < 1 / 200
+               for k in ("threads", "fds"))
+    rss_slope = slopes["rss"]
+    ok = (not samples["errors"] and max(samples["round"], default=0) >= args.rounds and flat
+          and rss_slope is not None and rss_slope < SLOPE_TARGET)
+    summary = {
         "rounds_completed": max(samples["round"], default=0),
         "clients": args.clients,
-        "rss_slope_bytes_per_round": slope(xs, rss) if len(xs) > 2 else None,
-        "rss_first_after_warmup_mb": rss[0] / 2**20 if rss else None,
-        "rss_last_mb": rss[-1] / 2**20 if rss else None,
+        "warmup_rounds": args.warmup,
+        "rss_slope_bytes_per_round": rss_slope,
+        "rss_mb_after_warmup_first_last": [samples["rss"][warm[0]] / 2**20,
+                                           samples["rss"][warm[-1]] / 2**20] if warm else None,
         "threads_range_after_warmup": _range(samples["threads"], warm),
+        "threads_slope_per_round": slopes["threads"],
         "fds_range_after_warmup": _range(samples["fds"], warm),
+        "fds_slope_per_round": slopes["fds"],
         "errors": samples["errors"],
+        "targets_met": ok,
     }
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
-    # Flat: less than one thread or descriptor gained per 200 rounds (a leak
-    # of one per round has slope 1; momentary spool files make noise around 0).
-    counts = {k: slope(xs, [samples[k][i] for i in warm]) if len(xs) > 2 else None
-              for k in ("threads", "fds")}
-    summary["threads_slope_per_round"] = counts["threads"]
-    summary["fds_slope_per_round"] = counts["fds"]
-    flat = all(c is not None and abs(c) < 1 / 200 for c in counts.values())
-    summary["threads_and_fds_flat"] = flat
-    rss_slope = slope(xs, rss) if len(xs) > 2 else None
-    ok = (not samples["errors"] and max(samples["round"], default=0) >= args.rounds and flat
-          and rss_slope is not None and rss_slope < SLOPE_TARGET)
     print("OK" if ok else "TARGET MISSED")
     return 0 if ok else 1
 

@@ -132,6 +132,11 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     address = f"unix:{args.unix_socket}" if args.unix_socket else f"{args.host}:{args.port}"
     running = create_server(config, model.state_dict(), address)
+    if running.coordinator.finished:
+        running.stop(grace=0)
+        log.error("state dir %s holds a run that has finished all its rounds; start a new "
+                  "run with --fresh or another --state-dir", args.state_dir)
+        return 2
     log.info("serving on %s (port %d), waiting for %d clients, %s rounds, state in %s",
              address, running.port, args.clients, args.rounds or "unlimited", args.state_dir)
     if args.ready_file:

@@ -41,6 +41,7 @@ from paramserver.rounds import (
     Aborted,
     Accepted,
     ModelStatus,
+    Phase,
     Registration,
     RoundMachine,
     Update,
@@ -183,6 +184,11 @@ class Coordinator:
         for worker in self._workers:
             worker.join(timeout)
         self._state.close()
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return self._machine.phase is Phase.FINISHED
 
     @property
     def model(self) -> GlobalModel:
