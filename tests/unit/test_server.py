@@ -1,5 +1,7 @@
 """The transport in-process: real gRPC on 127.0.0.1:0, status codes, waiting."""
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +91,48 @@ def test_client_gives_up_after_retries_when_nobody_listens() -> None:
             pytest.raises(RemoteError) as info:
         c.register("a")
     assert info.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_waiters_cannot_exhaust_the_server(tmp_path: Path) -> None:
+    # capacity 2: at most 2 calls wait at the barrier; a third is refused at
+    # once, and the uploads that release the waiters still get through.
+    running = create_server(ServerConfig(min_clients=2, capacity=2, state_dir=tmp_path), MODEL)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        with ParameterServerClient(address, timeout=10) as c:
+            c.register("a")
+            c.register("b")
+            results: list[str] = []
+            waiters = [threading.Thread(target=lambda n=n: results.append(
+                c.get_model(n, 1)[0].sha256.hex())) for n in ("a", "b")]
+            for w in waiters:
+                w.start()
+            deadline = time.monotonic() + 10
+            while running.coordinator._waiters < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(errors.CapacityError):
+                c.get_model("a", 1, timeout=5)
+            c.send_update("a", 1, update(1.0), 1)
+            c.send_update("b", 1, update(2.0), 1)
+            for w in waiters:
+                w.join(10)
+            assert len(results) == 2
+            assert len(set(results)) == 1
+    finally:
+        running.stop(grace=0)
+
+
+def test_health_is_served(server: RunningServer) -> None:
+    from grpc_health.v1 import health_pb2
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        reply = check(health_pb2.HealthCheckRequest(service="paramserver.v1.ParameterServer"),
+                      timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        server.health.enter_graceful_shutdown()
+        reply = check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
