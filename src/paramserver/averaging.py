@@ -25,7 +25,7 @@ Imports torch, errors and codec (for specs); must not import grpc.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -49,31 +49,59 @@ def weight_fractions(weights: Sequence[int]) -> list[float]:
     return [w / total for w in weights]  # int / int is correctly rounded in Python
 
 
-def fold(fractions: Sequence[float], blocks: Iterable[torch.Tensor],
+def fold(fractions: Sequence[float], blocks: Callable[[], Iterable[torch.Tensor]],
          dtype: torch.dtype) -> torch.Tensor:
-    """The weighted sum of `blocks` (consumed lazily, one at a time), cast to
-    `dtype` by the module's policy. Elementwise: folding a tensor whole or in
-    slices gives the same bits."""
+    """The weighted sum of the blocks that `blocks()` yields (consumed lazily,
+    one at a time), cast to `dtype` by the module's policy. Elementwise: folding
+    a tensor whole or in slices gives the same bits.
+
+    float64 values near the top of the range can overflow the float64
+    accumulator although their average is finite; then, and only then, the
+    fold runs again on halved values (`blocks()` is called a second time),
+    doubles the result (exact), and clamps to the finite range what the
+    rounded fractions pushed past it (the true average never exceeds it)."""
+    acc = _fold(fractions, blocks(), 1.0)
+    if dtype == torch.float64 and not torch.isfinite(acc).all():
+        top = torch.finfo(torch.float64).max
+        acc = _fold(fractions, blocks(), 0.5).mul_(2.0).clamp_(-top, top)
+    return cast_result(acc, dtype)
+
+
+def _fold(fractions: Sequence[float], blocks: Iterable[torch.Tensor],
+          scale: float) -> torch.Tensor:
     # Two float64 buffers for the whole fold, updated in place: allocating a
     # fresh term per update fragments the heap so that RSS grows with clients.
     acc: torch.Tensor | None = None
     term: torch.Tensor | None = None
     for p, block in zip(fractions, blocks, strict=True):
         if acc is None:
-            acc = torch.empty(block.shape, dtype=torch.float64).copy_(block).mul_(p)
+            acc = torch.empty(block.shape, dtype=torch.float64).copy_(block)
+            if scale != 1.0:
+                acc.mul_(scale)
+            acc.mul_(p)
             continue
         if term is None:
             term = torch.empty(block.shape, dtype=torch.float64)
-        acc.add_(term.copy_(block).mul_(p))
+        term.copy_(block)
+        if scale != 1.0:
+            term.mul_(scale)
+        acc.add_(term.mul_(p))
     if acc is None:
         raise AveragingError("no updates to average")
-    return cast_result(acc, dtype)
+    return acc
 
 
 def cast_result(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype.is_floating_point:
         return acc.to(dtype)
-    return torch.round(acc).to(dtype)
+    if dtype == torch.bool:
+        return torch.round(acc).to(dtype)
+    # Clamp to the largest float64 values inside the integer range: float64(2**63 - 1)
+    # is 2**63, which would wrap around to the most negative int64 on the cast.
+    info = torch.iinfo(dtype)
+    lo, hi = (torch.tensor(float(v), dtype=torch.float64) for v in (info.min, info.max))
+    hi = torch.nextafter(hi, lo) if int(hi.item()) > info.max else hi
+    return torch.round(acc).clamp_(lo, hi).to(dtype)
 
 
 def check_finite(state_dict: StateDict) -> None:
@@ -106,10 +134,10 @@ def average_state_dicts(updates: Mapping[str, tuple[int, StateDict]],
     for client in order:
         validate_state_dict(updates[client][1], expected)
     fractions = weight_fractions([updates[c][0] for c in order])
-    return {
-        spec.name: fold(fractions, (updates[c][1][spec.name] for c in order), spec.dtype)
-        for spec in expected
-    }
+    def blocks(name: str) -> Callable[[], Iterator[torch.Tensor]]:
+        return lambda: (updates[c][1][name] for c in order)
+
+    return {spec.name: fold(fractions, blocks(spec.name), spec.dtype) for spec in expected}
 
 
 def average_metrics(fractions: Sequence[float],

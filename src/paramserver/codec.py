@@ -131,8 +131,11 @@ def tensor_spec_from_proto(msg: pb.TensorSpec) -> TensorSpec:
     if len(msg.shape) > MAX_DIMS:
         raise DecodeError(f"{len(msg.shape)} dimensions, at most {MAX_DIMS}", tensor=msg.name)
     spec = TensorSpec(msg.name, _DTYPES_FROM_WIRE[msg.dtype], tuple(msg.shape))
-    if spec.nbytes > MAX_TENSOR_BYTES:
-        raise DecodeError(f"shape {spec.shape} is too large", tensor=msg.name)
+    # Zero dims make an empty tensor whatever the others are, but torch still
+    # computes strides from them: bound the product of the non-zero dims too.
+    extent = math.prod(d for d in spec.shape if d) * spec.dtype.itemsize
+    if extent > MAX_TENSOR_BYTES:
+        raise DecodeError(f"shape {list(spec.shape)} is too large", tensor=msg.name)
     return spec
 
 

@@ -231,8 +231,8 @@ class RoundMachine(Generic[P]):
             raise NotInCohortError(client_id, round, self.open_round)
         previous = self.received.get(client_id)
         if previous is None:
-            if self.phase is not Phase.COLLECTING:  # cannot happen: cohort complete
-                raise IllegalTransitionError(f"round {round} is {self.phase.value}")
+            if self.phase is Phase.AGGREGATING:  # closed at its deadline without it
+                raise StaleRoundError(client_id, round, self.open_round)
             return None
         if previous.digest != digest:
             raise ConflictingUpdateError(client_id, round)

@@ -12,6 +12,7 @@ Does file I/O; must not import grpc.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -172,8 +173,8 @@ def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
             step = max(1, block_bytes // spec.dtype.itemsize) * spec.dtype.itemsize
             for start in range(offset, offset + spec.nbytes, step):
                 size = min(step, offset + spec.nbytes - start)
-                blocks = _read_blocks(fds, start, size, spec.dtype)
-                result = fold(fractions, blocks, spec.dtype)
+                result = fold(fractions, functools.partial(
+                    _read_blocks, fds, start, size, spec.dtype), spec.dtype)
                 out_view[start:start + size] = tensor_view(result)
             offset += spec.nbytes
     finally:

@@ -62,12 +62,18 @@ def test_mismatches_and_nan_are_named() -> None:
 def test_fold_in_blocks_equals_fold_whole() -> None:
     xs = [torch.randn(1000) for _ in range(3)]
     p = weight_fractions([3, 5, 7])
-    whole = fold(p, xs, torch.float32)
-    halves = torch.cat([fold(p, (x[:333] for x in xs), torch.float32),
-                        fold(p, (x[333:] for x in xs), torch.float32)])
+    whole = fold(p, lambda: xs, torch.float32)
+    halves = torch.cat([fold(p, lambda: (x[:333] for x in xs), torch.float32),
+                        fold(p, lambda: (x[333:] for x in xs), torch.float32)])
     assert torch.equal(whole, halves)
 
 
 def test_average_metrics_uses_common_keys() -> None:
     out = average_metrics([0.25, 0.75], [{"loss": 1.0, "x": 2.0}, {"loss": 3.0}])
     assert out == {"loss": 2.5}
+
+
+def test_float64_near_the_top_of_the_range_does_not_overflow() -> None:
+    big = torch.tensor([1.7976931348623157e308, -1.7976931348623157e308], dtype=torch.float64)
+    out = average_state_dicts({c: (w, {"w": big}) for c, w in (("a", 1), ("b", 2), ("c", 2))})
+    assert torch.equal(out["w"], big)
