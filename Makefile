@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
-.PHONY: demo test lint types drift unit property integration proto clean
+.PHONY: demo test lint types drift unit property integration bench soak chaos proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,23 @@ property: $(STAMP)
 
 integration: $(STAMP)
 	$(PYTEST) tests/integration
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Side by side with the floor and Flower (installed into its own venv on first use).
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench.py
+
+# 1000 rounds against a real server: RSS slope, threads, descriptors.
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --rounds 1000 --clients 4 --json benchmarks/results/soak.json
+
+# The chaos cases of tests/integration/test_chaos.py, repeated.
+chaos: $(STAMP)
+	$(BIN)/python benchmarks/chaos.py --repeat 5
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

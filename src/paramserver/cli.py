@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(client)
     _add_client_args(client)
 
+    bench = sub.add_parser("bench", help="the side-by-side benchmark (source checkout only)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                       help="passed to benchmarks/bench.py (e.g. --quick)")
+
     demo = sub.add_parser("demo", help="run a server and N clients as real processes")
     demo.add_argument("--clients", type=int, default=3)
     demo.add_argument("--rounds", type=int, default=5)
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)  # many processes share few cores; also keeps runs reproducible
-    commands = {"serve": run_serve, "client": run_client, "demo": run_demo}
+    commands = {"serve": run_serve, "client": run_client, "demo": run_demo, "bench": run_bench}
     return commands[args.command](args)
 
 
@@ -198,6 +202,16 @@ def run_client(args: argparse.Namespace) -> int:
     if args.summary_file:
         args.summary_file.write_text(json.dumps({"client": args.name, "rounds": digests}))
     return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    # The benchmarks compare against other servers and are not installed with
+    # the package: they live beside it in a source checkout.
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+    if not script.exists():
+        log.error("paramserver bench runs from a source checkout (no %s)", script)
+        return 2
+    return subprocess.call([sys.executable, str(script), *args.bench_args])
 
 
 # -- demo ----------------------------------------------------------------------
