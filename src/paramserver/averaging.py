@@ -18,7 +18,9 @@ How the average is computed, and why:
 - Policy for non-float entries (int64 buffers such as BatchNorm's
   num_batches_tracked, other integers, bool): the same weighted mean, rounded
   half to even and cast back; for bool that is a weighted majority vote with
-  ties going to False. Integers beyond 2**53 in magnitude lose precision.
+  ties going to False. Exact while the weighted terms stay exact in float64:
+  for integers up to about 2**52 / (number of updates + 1) in magnitude; larger
+  ones may be off by a few units (and are clamped to the dtype's range).
 
 Imports torch, errors and codec (for specs); must not import grpc.
 """

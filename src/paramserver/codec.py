@@ -334,7 +334,8 @@ def parse_message(cls: type[M], data: bytes) -> M:
 
 class PayloadChecker:
     """Checks payload bytes as they stream in, in O(chunk) memory: never more
-    bytes than the specs declare, every float finite (naming the tensor), and
+    bytes than the specs declare, every float finite and every bool 0 or 1
+    (naming the tensor), and
     the SHA-256 at the end. Each piece is passed on to the caller's sink only
     after it has been checked; no I/O of its own.
     """
@@ -363,7 +364,8 @@ class PayloadChecker:
         while len(view):
             self._skip_empty_tensors()
             take = min(len(view), self._tensor_end - self._received)
-            self._check_finite(view[:take])
+            assert take > 0, "the length check above keeps every byte inside a tensor"
+            self._check_values(view[:take])
             self._received += take
             view = view[take:]
 
@@ -382,8 +384,12 @@ class PayloadChecker:
             self._index += 1
             self._tensor_end += self._specs[self._index].nbytes
 
-    def _check_finite(self, piece: memoryview) -> None:
+    def _check_values(self, piece: memoryview) -> None:
         spec = self._specs[self._index]
+        if spec.dtype == torch.bool:
+            if torch.frombuffer(piece, dtype=torch.uint8).gt(1).any():
+                raise MalformedUpdateError("bool bytes must be 0 or 1", tensor=spec.name)
+            return
         if not spec.dtype.is_floating_point:
             return
         data = self._carry + bytes(piece) if self._carry else piece

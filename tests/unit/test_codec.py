@@ -147,3 +147,11 @@ def test_tensor_from_bytes_checks_length() -> None:
     spec = codec.TensorSpec("t", torch.float32, (2,))
     with pytest.raises(DecodeError, match="'t'"):
         codec.tensor_from_bytes(spec, b"\x00" * 7)
+
+
+def test_payload_checker_rejects_bool_bytes_other_than_0_and_1() -> None:
+    specs = (codec.TensorSpec("mask", torch.bool, (3,)),)
+    payload = bytes([1, 0, 2])
+    checker = codec.PayloadChecker(specs, hashlib.sha256(payload).digest())
+    with pytest.raises(MalformedUpdateError, match=r"'mask'.*0 or 1"):
+        checker.feed(payload)
