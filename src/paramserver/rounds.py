@@ -292,12 +292,15 @@ class RoundMachine(Generic[P]):
         if len(self.received) >= self.quorum:
             closed = self._close()
             return Accepted(self.open_round, False, len(closed), len(self.cohort), closed)
-        aborted = Aborted(self.open_round, tuple(self.received[c] for c in sorted(self.received)))
+        aborted = Aborted(self.open_round, self._in_canonical_order())
         self._next_round(now)
         return aborted
 
     def _close(self) -> tuple[Update[P], ...]:
         self.phase = Phase.AGGREGATING
+        return self._in_canonical_order()
+
+    def _in_canonical_order(self) -> tuple[Update[P], ...]:
         return tuple(self.received[c] for c in sorted(self.received))
 
     def _next_round(self, now: float) -> None:

@@ -85,7 +85,7 @@ class SpoolWriter:
         os.replace(self._temp, self._final)
         self._committed = True
         if self._durable:
-            _fsync_dir(self._final.parent)
+            fsync_dir(self._final.parent)
         return SpooledUpdate(self._final, self._offset, self._header)
 
     def discard(self) -> None:
@@ -195,7 +195,8 @@ def _read_blocks(fds: Sequence[tuple[int, int]], start: int, size: int,
         yield torch.frombuffer(buffer, dtype=torch.uint8).view(dtype)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes a rename in `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

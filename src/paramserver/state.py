@@ -24,6 +24,7 @@ from pathlib import Path
 
 from paramserver import codec
 from paramserver.errors import DecodeError, ParamServerError
+from paramserver.spool import fsync_dir
 from paramserver.v1 import parameter_server_pb2 as pb
 
 log = logging.getLogger("paramserver.state")
@@ -59,14 +60,6 @@ def write_atomic(path: Path, data: bytes, durable: bool = True,
     os.replace(temp, path)
     if durable:
         fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StateDir:
