@@ -42,6 +42,8 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=codec.DEFAULT_CHUNK_SIZE)
     parser.add_argument("--round-wait", type=float, default=600.0,
                         help="seconds to wait at the barrier for a round to close")
+    parser.add_argument("--streaming", action="store_true",
+                        help="always use the streaming RPCs, even for small models")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +169,8 @@ def run_client(args: argparse.Namespace) -> int:
     digests: dict[int, str] = {}
     # Retries span a server restart: about a minute of backoff in all.
     retry = RetryPolicy(attempts=40, initial_backoff=0.1, max_backoff=2.0)
-    with ParameterServerClient(args.server, chunk_size=args.chunk_size, retry=retry) as client:
+    with ParameterServerClient(args.server, chunk_size=args.chunk_size, retry=retry,
+                               streaming=args.streaming) as client:
         reg = client.register(args.name)
         last = args.rounds or reg.total_rounds or 5
         model_round, round = reg.model_round, reg.first_round

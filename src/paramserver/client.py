@@ -106,10 +106,15 @@ class ParameterServerClient:
     timeout: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     chunk_size: int = codec.DEFAULT_CHUNK_SIZE
+    # Models whose payload fits the server's unary limit go in one unary call
+    # each way (much cheaper than a stream); `streaming=True` never does that.
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._unary_limit = 0  # learnt at registration
+        self._model_size: int | None = None
 
     def __enter__(self) -> ParameterServerClient:
         return self
@@ -124,8 +129,11 @@ class ParameterServerClient:
         """Raises InvalidClientNameError (as MalformedUpdateError), CapacityError."""
         reply = self._call(lambda: self._stub.RegisterClient(
             pb.RegisterClientRequest(client_name=name), timeout=self.timeout))
+        specs = codec.specs_from_proto(reply.tensors)
+        self._unary_limit = 0 if self.streaming else reply.max_unary_payload
+        self._model_size = codec.payload_size(specs)
         return Registration(reply.client_id, reply.first_round, reply.model_round,
-                            reply.total_rounds, codec.specs_from_proto(reply.tensors))
+                            reply.total_rounds, specs)
 
     def send_update(self, client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
                     num_examples: int, metrics: Mapping[str, float] | None = None) -> Ack:
@@ -133,9 +141,14 @@ class ParameterServerClient:
         views = codec.payload_views(state_dict)
         header = codec.UpdateHeader(client_id, round, num_examples, codec.spec_of(state_dict),
                                     codec.payload_digest(views), dict(metrics or {}))
-        reply = self._call(lambda: self._stub.SendUpdate(
-            _with_crash_point(codec.update_requests(header, views, self.chunk_size), round),
-            timeout=self.timeout))
+        if codec.payload_size(header.specs) <= self._unary_limit:
+            message = pb.UpdateMessage(header=codec.update_header_to_proto(header),
+                                       data=b"".join(views))
+            reply = self._call(lambda: self._stub.SendUpdateUnary(message, timeout=self.timeout))
+        else:
+            reply = self._call(lambda: self._stub.SendUpdate(
+                _with_crash_point(codec.update_requests(header, views, self.chunk_size), round),
+                timeout=self.timeout))
         return Ack(reply.round, reply.duplicate, reply.received, reply.expected)
 
     def get_model(self, client_id: str, round: int, timeout: float | None = None,
@@ -143,6 +156,9 @@ class ParameterServerClient:
         """The global model after `round`, waiting up to `timeout` for the round
         to close. Raises DecodeError/MalformedUpdateError if the stream is bad."""
         request = pb.GetAveragedModelRequest(client_id=client_id, round=round)
+        if self._model_size is not None and self._model_size <= self._unary_limit:
+            return self._call(lambda: _model_from_message(
+                self._stub.GetAveragedModelUnary(request, timeout=timeout or self.timeout)))
         return self._call(lambda: _receive_model(
             self._stub.GetAveragedModel(request, timeout=timeout or self.timeout)))
 
@@ -173,6 +189,15 @@ def _crash_then(requests: Iterator[pb.SendUpdateRequest],
     time.sleep(0.2)  # let the first chunks reach the server
     faults.maybe_crash("client_during_upload", round)
     yield from requests
+
+
+def _model_from_message(message: pb.ModelMessage,
+                        ) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:
+    header = codec.model_header_from_proto(message.header)
+    checker = codec.PayloadChecker(header.specs, header.sha256)
+    checker.feed(message.data)
+    checker.finish()
+    return header, codec.state_dict_from_payload(header.specs, message.data)
 
 
 def _receive_model(responses: object) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:

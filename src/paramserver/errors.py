@@ -135,3 +135,13 @@ class ShuttingDownError(ParamServerError):
 
     def __init__(self) -> None:
         super().__init__("server is shutting down; retry")
+
+
+class PayloadTooLargeError(ParamServerError):
+    """A payload too large for a unary call; the streaming RPCs take any size."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"payload of {size} bytes is over the unary limit of {limit} bytes; "
+                         "use the streaming RPC")
+        self.size = size
+        self.limit = limit

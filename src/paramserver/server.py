@@ -33,6 +33,7 @@ from paramserver.errors import (
     InvalidClientNameError,
     MalformedUpdateError,
     ParamServerError,
+    PayloadTooLargeError,
     RoundAbortedError,
     RoundError,
     ShuttingDownError,
@@ -57,6 +58,7 @@ STATUS_BY_ERROR: dict[type[ParamServerError], grpc.StatusCode] = {
     RoundError: grpc.StatusCode.FAILED_PRECONDITION,
     ConflictingUpdateError: grpc.StatusCode.ALREADY_EXISTS,
     CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PayloadTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RoundAbortedError: grpc.StatusCode.ABORTED,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
 }
@@ -69,7 +71,7 @@ def status_code_for(error: ParamServerError) -> grpc.StatusCode:
 
 
 def _error_details(error: ParamServerError) -> dict[str, str]:
-    keys = ("client_id", "round", "open_round", "tensor", "capacity", "name")
+    keys = ("client_id", "round", "open_round", "tensor", "capacity", "name", "size", "limit")
     return {k: str(getattr(error, k)) for k in keys if getattr(error, k, None) is not None}
 
 
@@ -113,7 +115,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             reg = self._coordinator.register(request.client_name)
             return pb.RegisterClientResponse(
                 client_id=reg.client_id, first_round=reg.first_round,
-                model_round=reg.model_round, total_rounds=self._config.total_rounds,
+                model_round=reg.model_round, max_unary_payload=codec.MAX_CHUNK_SIZE,
+                total_rounds=self._config.total_rounds,
                 min_clients=self._config.min_clients,
                 tensors=codec.specs_to_proto(self._coordinator.specs))
 
@@ -136,6 +139,35 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                           f"round {request.round} did not close before the deadline")
         yield from codec.model_responses(model.header, [model.payload], self._chunk_size)
+
+
+    def SendUpdateUnary(self, request: pb.UpdateMessage,
+                        context: grpc.ServicerContext) -> pb.SendUpdateResponse:
+        with _status_from_errors(context, "SendUpdateUnary"):
+            header = codec.update_header_from_proto(request.header)
+            _check_unary_size(len(request.data))
+            accepted = self._coordinator.check_submit(header)
+            if accepted is None:
+                accepted = self._coordinator.receive(header, [request.data])
+            return pb.SendUpdateResponse(round=accepted.round, duplicate=accepted.duplicate,
+                                         received=accepted.received, expected=accepted.expected)
+
+    def GetAveragedModelUnary(self, request: pb.GetAveragedModelRequest,
+                              context: grpc.ServicerContext) -> pb.ModelMessage:
+        with _status_from_errors(context, "GetAveragedModelUnary"):
+            _check_unary_size(codec.payload_size(self._coordinator.specs))
+            model = self._coordinator.wait_for_model(request.client_id, request.round,
+                                                     context.time_remaining)
+        if model is None:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"round {request.round} did not close before the deadline")
+        return pb.ModelMessage(header=codec.model_header_to_proto(model.header),
+                               data=bytes(model.payload))
+
+
+def _check_unary_size(size: int) -> None:
+    if size > codec.MAX_CHUNK_SIZE:
+        raise PayloadTooLargeError(size, codec.MAX_CHUNK_SIZE)
 
 
 def _read_header(requests: Iterator[pb.SendUpdateRequest]) -> codec.UpdateHeader:

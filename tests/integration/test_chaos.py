@@ -121,7 +121,9 @@ def test_client_killed_and_restarted_rejoins_and_matches(
     socket, address = socket_address(tmp_path)
     server = start_server(server_factory, socket, tmp_path / "state")
     steady = start_clients(client_factory, address, NAMES[1:])
-    victim = client_factory(NAMES[0], address, "--seed", "0", examples=EXAMPLES,
+    # A unary upload cannot be cut in the middle: that case streams.
+    streaming = ["--streaming"] if point == "client_during_upload" else []
+    victim = client_factory(NAMES[0], address, "--seed", "0", *streaming, examples=EXAMPLES,
                             env={CRASH_ENV: f"{point}:{CRASH_ROUND}"})
     assert victim.wait(120) == -signal.SIGKILL, victim.log()
     restarted = client_factory(NAMES[0], address, "--seed", "0", examples=EXAMPLES)

@@ -19,6 +19,8 @@ from paramserver.server import (
     create_server,
     status_code_for,
 )
+from paramserver.v1 import parameter_server_pb2 as pb
+from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
 
 MODEL = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "n": torch.tensor(0)}
 
@@ -31,9 +33,11 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
     finally:
         running.stop(grace=0)
 
-@pytest.fixture
-def client(server: RunningServer) -> Iterator[ParameterServerClient]:
-    with ParameterServerClient(f"127.0.0.1:{server.port}", timeout=10, chunk_size=16) as c:
+@pytest.fixture(params=[False, True], ids=["unary", "streaming"])
+def client(server: RunningServer, request: pytest.FixtureRequest,
+           ) -> Iterator[ParameterServerClient]:
+    with ParameterServerClient(f"127.0.0.1:{server.port}", timeout=10, chunk_size=16,
+                               streaming=request.param) as c:
         yield c
 
 def update(value: float) -> dict[str, torch.Tensor]:
@@ -136,3 +140,23 @@ def test_health_is_served(server: RunningServer) -> None:
         server.health.enter_graceful_shutdown()
         reply = check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_unary_calls_refuse_models_over_the_limit(tmp_path: Path) -> None:
+    big = {"w": torch.zeros(1 << 20)}  # 4 MiB: over the 3 MiB unary limit
+    running = create_server(ServerConfig(min_clients=1, state_dir=tmp_path), big)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.ParameterServerStub(channel)  # type: ignore[no-untyped-call]
+            stub.RegisterClient(pb.RegisterClientRequest(client_name="a"), timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetAveragedModelUnary(pb.GetAveragedModelRequest(client_id="a", round=0),
+                                           timeout=10)
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "unary limit" in (info.value.details() or "")
+        with ParameterServerClient(f"127.0.0.1:{running.port}", timeout=30) as c:
+            c.register("a")  # the library streams a model this size
+            _, model = c.get_model("a", 0)
+            assert torch.equal(model["w"], big["w"])
+    finally:
+        running.stop(grace=0)

@@ -49,20 +49,22 @@ class RegisterClientRequest(_message.Message):
     def __init__(self, client_name: _Optional[str] = ...) -> None: ...
 
 class RegisterClientResponse(_message.Message):
-    __slots__ = ("client_id", "first_round", "total_rounds", "min_clients", "tensors", "model_round")
+    __slots__ = ("client_id", "first_round", "total_rounds", "min_clients", "tensors", "model_round", "max_unary_payload")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNARY_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     first_round: int
     total_rounds: int
     min_clients: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     model_round: int
-    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ...) -> None: ...
+    max_unary_payload: int
+    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ..., max_unary_payload: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "round", "num_examples", "tensors", "sha256", "metrics")
@@ -139,6 +141,22 @@ class ModelHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sha256: _Optional[bytes] = ..., num_updates: _Optional[int] = ..., total_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GetAveragedModelResponse(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ModelHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UpdateMessage(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ModelMessage(_message.Message):
     __slots__ = ("header", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,16 @@ class ParameterServerStub:
                 request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelResponse.FromString,
                 _registered_method=True)
+        self.SendUpdateUnary = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/SendUpdateUnary',
+                request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.SendUpdateResponse.FromString,
+                _registered_method=True)
+        self.GetAveragedModelUnary = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/GetAveragedModelUnary',
+                request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -90,6 +100,24 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendUpdateUnary(self, request, context):
+        """SendUpdate in one message, for models whose payload is at most
+        RegisterClientResponse.max_unary_payload bytes: one unary call costs far
+        less than a stream in most gRPC implementations. Same checks, same
+        acknowledgement, same idempotence; a larger payload gets RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAveragedModelUnary(self, request, context):
+        """GetAveragedModel in one message, under the same size limit: waits the same
+        way; RESOURCE_EXHAUSTED if the model is larger than max_unary_payload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +135,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.GetAveragedModel,
                     request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelResponse.SerializeToString,
+            ),
+            'SendUpdateUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendUpdateUnary,
+                    request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.FromString,
+                    response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.SendUpdateResponse.SerializeToString,
+            ),
+            'GetAveragedModelUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAveragedModelUnary,
+                    request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -191,6 +229,60 @@ class ParameterServer:
             '/paramserver.v1.ParameterServer/GetAveragedModel',
             paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.SerializeToString,
             paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendUpdateUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/SendUpdateUnary',
+            paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.SerializeToString,
+            paramserver_dot_v1_dot_parameter__server__pb2.SendUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAveragedModelUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/GetAveragedModelUnary',
+            paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.SerializeToString,
+            paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.FromString,
             options,
             channel_credentials,
             insecure,
