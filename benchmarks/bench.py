@@ -87,7 +87,8 @@ def run_system(system: str, model: str, clients: int, rounds: int, workdir: Path
         if out.returncode != 0:
             raise RuntimeError(f"flower failed: {out.stderr[-2000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        return {"round_seconds": result["round_seconds"],
+        # Periods between round ends: the same definition as for the others.
+        return {"round_seconds": result["round_periods_seconds"],
                 "server_peak_rss": result.get("server_peak_rss_bytes")}
     ready = workdir / "ready.json"
     if system == "floor":

@@ -1,15 +1,22 @@
 """Flower side of the paramserver-vs-Flower benchmark.
 
 Measures Flower's per-round time on the same workload as paramserver, on
-loopback, with real processes:
+loopback, with real processes. The server side is a FedAvg subclass that
+timestamps each round (``configure_fit`` start, once all clients are connected,
+to ``aggregate_fit`` end: start-up is excluded), checks the final model and
+reports its peak RSS; each client's ``fit`` returns the received parameters +
+0.001 (numpy only) with ``num_examples=100``.
 
-* one server process: ``flwr.server.start_server`` (legacy API) with a FedAvg
-  subclass that timestamps each round (``configure_fit`` start to
-  ``aggregate_fit`` end, after all clients are connected, so start-up is
-  excluded) and reports its peak RSS;
-* one load-generator process running N ``flwr.client.start_client`` calls as
-  threads; each client's ``fit`` returns the received parameters + 0.001
-  (numpy only) with ``num_examples=100``.
+``--engine legacy`` (default, "flower-legacy"): one server process running the
+deprecated ``flwr.server.start_server``, and one load-generator process running
+N ``flwr.client.start_client`` calls as threads (``--client-processes K``
+spreads them over K processes).
+
+``--engine deployment`` ("flower-deployment"): Flower's current engine, all on
+127.0.0.1 -- ``flower-superlink``, N ``flower-supernode`` processes, and the
+same strategy/client packaged as a Flower app (generated in a temp dir) that
+``flwr run --stream`` submits; the ServerApp and ClientApps run in the
+subprocesses that SuperLink and SuperNodes spawn.
 
 Flower runs from its own venv (``benchmarks/.venv-flwr``, made by ``--setup``);
 this orchestrator only needs the standard library, so any ``python3`` can run
@@ -18,6 +25,7 @@ it.  One JSON object per scenario is printed to stdout; logs go to stderr.
     python benchmarks/flower_bench.py --setup
     python benchmarks/flower_bench.py --clients 8 --rounds 10 --model mlp
     python benchmarks/flower_bench.py --clients 4 --rounds 3 --model big
+    python benchmarks/flower_bench.py --clients 8 --rounds 10 --engine deployment
 """
 
 # The Flower roles' flwr/numpy are not in the project venv that type-checks this file, so
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import importlib
 import json
@@ -40,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +118,8 @@ def setup() -> None:
         str(REQUIREMENTS),
     ]
     log("running: " + " ".join(cmd))
-    subprocess.run(cmd, check=True, timeout=SETUP_TIMEOUT_S)
+    # pip's output goes to stderr: stdout carries only the scenario JSON lines.
+    subprocess.run(cmd, check=True, timeout=SETUP_TIMEOUT_S, stdout=sys.stderr)
     probe = subprocess.run(
         [str(VENV_PYTHON), "-c", "import flwr, numpy; print(flwr.__version__)"],
         check=True,
@@ -151,21 +162,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: float) ->
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(POLL_S)
-    raise BenchError(f"server did not listen on 127.0.0.1:{port} within {READY_TIMEOUT_S}s")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate, then kill, then reap one process that we started (in its own group)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        # The group is ours (start_new_session) and its leader is not reaped yet.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=KILL_GRACE_S)
-    if proc.poll() is None:
-        log(f"process {proc.pid} survived SIGKILL")
+    raise BenchError(f"nothing listened on 127.0.0.1:{port} in time")
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -176,92 +173,293 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, start time) of a live process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def descendants(roots: list[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of every live descendant of roots."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(stat[0], []).append((int(entry.name), stat[1]))
+    found: list[tuple[int, int]] = []
+    todo = list(roots)
+    while todo and len(found) < 10_000:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _die_with_parent(parent: int) -> Any:
+    """preexec_fn: the child gets SIGTERM when this orchestrator dies, even by SIGKILL
+    (e.g. a caller's subprocess timeout), so nothing is left behind; Flower's own helper
+    processes follow their parents (flower-superexec --parent-pid)."""
+
+    def preexec() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class Processes:
+    """Every process a scenario starts; stop_all() ends and reaps them, whatever happened.
+
+    Each is started in its own session; Flower's SuperLink/SuperNode start helpers
+    (flower-superexec, flwr-serverapp, flwr-clientapp) in sessions of their own, so
+    those are found through /proc before stopping and ended by pid (checked against
+    their start time, so that a reused pid is never hit).
+    """
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.logs[name] = self.workdir / f"{name}.log"
+        with self.logs[name].open("wb") as out:
+            self.procs[name] = subprocess.Popen(
+                cmd,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env or self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()),
+            )
+
+    def failed(self, names: list[str] | None = None) -> dict[str, int]:
+        codes = {n: self.procs[n].poll() for n in names or list(self.procs)}
+        return {n: c for n, c in codes.items() if c is not None and c != 0}
+
+    def stop_all(self) -> None:
+        extra = descendants([p.pid for p in self.procs.values() if p.poll() is None])
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)  # its group; leader not reaped yet
+        for pid, start in extra:
+            if (stat := _proc_stat(pid)) is not None and stat[1] == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE_S
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=KILL_GRACE_S)
+            if proc.poll() is None:
+                log(f"process {proc.pid} survived SIGKILL")
+        for pid, start in extra:
+            end = time.monotonic() + KILL_GRACE_S
+            while (stat := _proc_stat(pid)) is not None and stat[1] == start:
+                if time.monotonic() > end:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    break
+                time.sleep(POLL_S)
+
+    def dump_logs(self) -> None:
+        for name, path in self.logs.items():
+            log(f"--- {name} log (tail) ---\n{tail(path)}")
+
+    def keep_logs(self, into: str | None) -> None:
+        if into:
+            for path in self.logs.values():
+                if path.exists():
+                    shutil.copy(path, Path(into) / path.name)
+
+
+def wait_all(procs: Processes, names: list[str], deadline: float, what: str) -> None:
+    """Bounded wait until names have all exited 0; any other exit of any process fails."""
+    while time.monotonic() < deadline:
+        if failed := procs.failed():
+            raise BenchError(f"process(es) failed, exit codes: {failed}")
+        if all(procs.procs[n].poll() == 0 for n in names):
+            return
+        time.sleep(POLL_S)
+    raise BenchError(f"{what} did not finish in time (--timeout)")
+
+
+def peak_rss_of(pid: int) -> int | None:
+    """VmHWM (peak resident set) of a live process, in bytes."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def split(total: int, parts: int) -> list[int]:
+    """total clients over parts processes, as evenly as possible."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise BenchError("the server side wrote no result (the last round never ended)")
+    result: dict[str, Any] = json.loads(path.read_text())
+    if "error" in result:
+        raise BenchError(f"server side: {result['error']}")
+    return result
+
+
+def run_legacy(args: argparse.Namespace, procs: Processes, deadline: float) -> dict[str, Any]:
+    script = str(Path(__file__).resolve())
+    port = free_port()
+    result_file = procs.workdir / "server-result.json"
+    common = ["--rounds", str(args.rounds), "--model", args.model]
+    common += ["--address", f"127.0.0.1:{port}", "--timeout", str(args.timeout)]
+    server_cmd = [str(VENV_PYTHON), script, "--role", "server", *common]
+    server_cmd += ["--clients", str(args.clients), "--result-file", str(result_file)]
+    if args.max_workers is not None:
+        server_cmd += ["--max-workers", str(args.max_workers)]
+    procs.spawn("server", server_cmd)
+    wait_listening(port, procs.procs["server"], min(deadline, time.monotonic() + READY_TIMEOUT_S))
+    shares = split(args.clients, min(args.client_processes, args.clients))
+    for k, share in enumerate(shares):
+        name = "clients" if len(shares) == 1 else f"clients-{k}"
+        cmd = [str(VENV_PYTHON), script, "--role", "clients", *common, "--clients", str(share)]
+        procs.spawn(name, cmd)
+    wait_all(procs, list(procs.procs), deadline, "the scenario")
+    result = read_result(result_file)
+    result["client_processes"] = len(shares)
+    # Server.fit_clients' ThreadPoolExecutor; null = Python's default min(32, cpus + 4).
+    result["server_fit_max_workers"] = args.max_workers
+    return result
+
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "flbench"
+version = "1.0.0"
+description = "paramserver benchmark: Flower side (generated by flower_bench.py)"
+license = "Apache-2.0"
+dependencies = ["flwr=={flwr}", "numpy"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "paramserver-bench"
+
+[tool.flwr.app.components]
+serverapp = "flbench_app.server_app:app"
+clientapp = "flbench_app.client_app:app"
+
+[tool.flwr.app.config]
+clients = {clients}
+rounds = {rounds}
+model = "{model}"
+timeout = {timeout}
+result-file = "{result_file}"
+"""
+
+
+def run_deployment(args: argparse.Namespace, procs: Processes, deadline: float) -> dict[str, Any]:
+    """flower-superlink + N flower-supernode + `flwr run` of a generated Flower app."""
+    work = procs.workdir
+    result_file = work / "server-result.json"
+    app = work / "app"
+    (app / "flbench_app").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(
+        APP_PYPROJECT.format(
+            flwr=FLWR_VERSION,
+            clients=args.clients,
+            rounds=args.rounds,
+            model=args.model,
+            timeout=float(args.timeout),
+            result_file=result_file,
+        )
+    )
+    (app / "flbench_app" / "__init__.py").write_text("")
+    shutil.copy(Path(__file__).resolve(), app / "flbench_app" / "core.py")
+    for kind in ("server", "client"):
+        (app / "flbench_app" / f"{kind}_app.py").write_text(
+            f"from flbench_app.core import deployment_{kind}_app\n\napp = deployment_{kind}_app()\n"
+        )
+    port = free_port()
+    home = work / "flwr-home"  # FLWR_HOME: the CLI's config and SuperLink's installed apps
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    bin_dir = VENV_PYTHON.parent
+    env = dict(procs.env)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # it spawns flower-superexec
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # no `uv sync` from an index
+    env["FLWR_HOME"] = str(home)
+    procs.env = env
+    link_cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1"]
+    link_cmd += ["--port", str(port), "--disable-runtime-dependency-installation"]
+    procs.spawn("superlink", link_cmd)
+    wait_listening(
+        port, procs.procs["superlink"], min(deadline, time.monotonic() + READY_TIMEOUT_S)
+    )
+    for i in range(args.clients):
+        node_home = work / f"flwr-home-node{i}"  # one per node: app installs do not race
+        node_home.mkdir()
+        cmd = [str(bin_dir / "flower-supernode"), "--insecure", "--superlink"]
+        cmd += [f"127.0.0.1:{port}", "--host", "127.0.0.1", "--port", str(free_port())]
+        procs.spawn(f"supernode-{i}", cmd, env={**env, "FLWR_HOME": str(node_home)})
+    procs.spawn("flwr-run", [str(bin_dir / "flwr"), "run", str(app), "--stream"])
+    # `flwr run --stream` returns when the run has ended, whichever way.
+    wait_all(procs, ["flwr-run"], deadline, "the run")
+    result = read_result(result_file)
+    superlink_rss = peak_rss_of(procs.procs["superlink"].pid)
+    result["serverapp_peak_rss_bytes"] = result["server_peak_rss_bytes"]
+    result["superlink_peak_rss_bytes"] = superlink_rss
+    # The server side is two processes here: SuperLink (relays every message) and the
+    # ServerApp (runs the strategy). Their peaks added: an upper bound of the two together.
+    result["server_peak_rss_bytes"] = result["server_peak_rss_bytes"] + (superlink_rss or 0)
+    result["supernode_processes"] = args.clients
+    return result
+
+
 def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     if not venv_ready():
         raise BenchError(f"{VENV} missing or stale: run `{sys.argv[0]} --setup` first")
-    script = str(Path(__file__).resolve())
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    env = _flower_env()
     started = time.monotonic()
     deadline = started + args.timeout
-    procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="flower-bench-") as tmp:
-        workdir = Path(tmp)
-        result_file = workdir / "server-result.json"
-        server_log = workdir / "server.log"
-        clients_log = workdir / "clients.log"
-        common = [
-            "--clients",
-            str(args.clients),
-            "--rounds",
-            str(args.rounds),
-            "--model",
-            args.model,
-            "--address",
-            address,
-            "--timeout",
-            str(args.timeout),
-        ]
+        procs = Processes(Path(tmp), _flower_env())
         try:
-            with server_log.open("wb") as out:
-                server_cmd = [str(VENV_PYTHON), script, "--role", "server", *common]
-                server_cmd += ["--result-file", str(result_file)]
-                if args.max_workers is not None:
-                    server_cmd += ["--max-workers", str(args.max_workers)]
-                server = subprocess.Popen(
-                    server_cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
-            procs.append(server)
-            wait_listening(port, server, min(deadline, time.monotonic() + READY_TIMEOUT_S))
-            with clients_log.open("wb") as out:
-                clients = subprocess.Popen(
-                    [str(VENV_PYTHON), script, "--role", "clients", *common],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
-            procs.append(clients)
-            # Bounded wait for both; whichever fails first ends the run.
-            while time.monotonic() < deadline:
-                if server.poll() is not None and clients.poll() is not None:
-                    break
-                for proc, name in ((server, "server"), (clients, "clients")):
-                    if proc.poll() not in (None, 0):
-                        raise BenchError(f"{name} process exited with code {proc.returncode}")
-                time.sleep(POLL_S)
-            else:
-                raise BenchError(f"scenario did not finish within {args.timeout}s")
-            if server.returncode != 0 or clients.returncode != 0:
-                raise BenchError(
-                    f"exit codes: server {server.returncode}, clients {clients.returncode}"
-                )
-            result: dict[str, Any] = json.loads(result_file.read_text())
+            run = run_deployment if args.engine == "deployment" else run_legacy
+            result = run(args, procs, deadline)
         except BaseException:
-            for proc in procs:
-                stop_process(proc)
-            log(f"--- server log (tail) ---\n{tail(server_log)}")
-            log(f"--- clients log (tail) ---\n{tail(clients_log)}")
+            procs.stop_all()
+            procs.dump_logs()
             raise
         finally:
-            for proc in procs:
-                stop_process(proc)
-        if args.keep_logs:
-            for src in (server_log, clients_log):
-                shutil.copy(src, Path(args.keep_logs) / src.name)
+            procs.stop_all()
+            procs.keep_logs(args.keep_logs)
     result["wall_seconds"] = round(time.monotonic() - started, 3)
     return result
 
 
-# --------------------------------------------------------------------------- Flower roles
-# Everything below runs under benchmarks/.venv-flwr/bin/python (flwr, numpy).
+# --------------------------------------------------------------------------- Flower side
+# Everything below runs under benchmarks/.venv-flwr/bin/python (flwr, numpy), either
+# from this file (legacy roles) or as the generated Flower app's copy of it.
 
 
 def initial_arrays(model: str) -> list[Any]:
@@ -270,18 +468,20 @@ def initial_arrays(model: str) -> list[Any]:
     return [rng.standard_normal(shape).astype(np.float32) for shape in MODEL_SHAPES[model]]
 
 
-def role_server(args: argparse.Namespace) -> int:
+def make_strategy(
+    *, system: str, clients: int, rounds: int, model: str, wait_s: float, result_file: str
+) -> Any:
+    """FedAvg timing each round; at the end of the last one it checks the model and
+    writes the result (or {"error": ...}) to result_file."""
     import resource
 
     np = importlib.import_module("numpy")
     flwr = importlib.import_module("flwr")
     common = importlib.import_module("flwr.common")
-    fl_server = importlib.import_module("flwr.server")
     # Static import so that FedAvg can be subclassed; flwr is absent where mypy runs.
     from flwr.server.strategy import FedAvg  # type: ignore[import-not-found,unused-ignore]
 
-    n: int = args.clients
-    wait_s = float(args.timeout)
+    init = initial_arrays(model)
 
     class TimedFedAvg(FedAvg):
         """FedAvg that records, per round, configure_fit start and aggregate_fit end."""
@@ -295,8 +495,8 @@ def role_server(args: argparse.Namespace) -> int:
 
         def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
             # Round 1 would otherwise include the wait for all clients to connect.
-            if not client_manager.wait_for(n, timeout=wait_s):
-                raise RuntimeError(f"only {client_manager.num_available()} of {n} clients")
+            if not client_manager.wait_for(clients, timeout=wait_s):
+                raise RuntimeError(f"only {client_manager.num_available()} of {clients} clients")
             self.t_start[server_round] = time.perf_counter()
             return super().configure_fit(server_round, parameters, client_manager)
 
@@ -305,72 +505,65 @@ def role_server(args: argparse.Namespace) -> int:
             self.t_end[server_round] = time.perf_counter()
             self.n_results[server_round] = len(results)
             self.n_failures[server_round] = len(failures)
+            if server_round == rounds:
+                try:
+                    result = self.result(out[0])
+                except Exception as exc:
+                    result = {"error": f"{type(exc).__name__}: {exc}"}
+                Path(result_file).write_text(json.dumps(result))
             return out
 
-    init = initial_arrays(args.model)
-    strategy = TimedFedAvg(
-        min_fit_clients=n,
-        min_available_clients=n,
+        def result(self, final_parameters: Any) -> dict[str, Any]:
+            peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+            problems = []
+            for r in range(1, rounds + 1):
+                if r not in self.t_end:
+                    problems.append(f"round {r} not aggregated")
+                elif self.n_results[r] != clients or self.n_failures[r]:
+                    problems.append(
+                        f"round {r}: {self.n_results[r]} results, {self.n_failures[r]} failures"
+                    )
+            if final_parameters is None:
+                problems.append("no aggregated model")
+            else:
+                # Sanity check of the workload: every round adds DELTA to every parameter.
+                final = common.parameters_to_ndarrays(final_parameters)
+                shift = DELTA * rounds
+                off = max(
+                    float(np.max(np.abs((f.astype(np.float64) - i) - shift)))
+                    for f, i in zip(final, init, strict=True)
+                )
+                if off > 1e-4:
+                    problems.append(f"final model off by {off} from initial + {shift}")
+            if problems:
+                return {"error": "; ".join(problems)}
+            ends = self.t_end
+            return {
+                "system": system,
+                "model": model,
+                "clients": clients,
+                "rounds": rounds,
+                "round_seconds": [round(ends[r] - self.t_start[r], 6) for r in ends],
+                # Same definition as benchmarks/workload.round_periods: end(r) - end(r-1),
+                # with the end of round r = aggregate_fit done (no value for round 1).
+                "round_periods_seconds": [round(ends[r] - ends[r - 1], 6) for r in ends if r > 1],
+                "server_peak_rss_bytes": peak_rss,
+                "flwr_version": flwr.__version__,
+                "payload_floats": sum(int(a.size) for a in init),
+            }
+
+    return TimedFedAvg(
+        min_fit_clients=clients,
+        min_available_clients=clients,
         fraction_fit=1.0,
         fraction_evaluate=0.0,
         min_evaluate_clients=0,
         initial_parameters=common.ndarrays_to_parameters(init),
     )
-    server = fl_server.Server(client_manager=fl_server.SimpleClientManager(), strategy=strategy)
-    if args.max_workers is not None:
-        server.set_max_workers(args.max_workers)
-    fl_server.start_server(
-        server_address=args.address,
-        server=server,
-        config=fl_server.ServerConfig(num_rounds=args.rounds, round_timeout=wait_s),
-    )
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-    rounds = range(1, args.rounds + 1)
-    problems = []
-    for r in rounds:
-        if r not in strategy.t_end:
-            problems.append(f"round {r} not aggregated")
-        elif strategy.n_results[r] != n or strategy.n_failures[r]:
-            problems.append(
-                f"round {r}: {strategy.n_results[r]} results, {strategy.n_failures[r]} failures"
-            )
-    # Sanity check of the workload: every round adds DELTA to every parameter.
-    final = common.parameters_to_ndarrays(server.parameters)
-    expected_shift = DELTA * args.rounds
-    error = max(
-        float(np.max(np.abs((f.astype(np.float64) - i) - expected_shift)))
-        for f, i in zip(final, init, strict=True)
-    )
-    if error > 1e-4:
-        problems.append(f"final model off by {error} from initial + {expected_shift}")
-    if problems:
-        print("; ".join(problems), file=sys.stderr)
-        return 1
-    result = {
-        "system": "flower-legacy",
-        "model": args.model,
-        "clients": n,
-        "rounds": args.rounds,
-        "round_seconds": [round(strategy.t_end[r] - strategy.t_start[r], 6) for r in rounds],
-        # Same definition as benchmarks/workload.round_periods: end(r) - end(r-1), with the
-        # end of round r = aggregate_fit done on the server (no value for round 1).
-        "round_periods_seconds": [
-            round(strategy.t_end[r] - strategy.t_end[r - 1], 6) for r in rounds if r > 1
-        ],
-        "server_peak_rss_bytes": peak_rss,
-        "flwr_version": flwr.__version__,
-        "payload_floats": sum(int(a.size) for a in init),
-        # Server.fit_clients' ThreadPoolExecutor; null = Python's default min(32, cpus + 4).
-        "server_fit_max_workers": args.max_workers,
-    }
-    Path(args.result_file).write_text(json.dumps(result))
-    return 0
 
 
-def role_clients(args: argparse.Namespace) -> int:
+def make_client() -> Any:
     np = importlib.import_module("numpy")
-    fl_client = importlib.import_module("flwr.client")
     from flwr.client import NumPyClient  # type: ignore[import-not-found,unused-ignore]
 
     delta = np.float32(DELTA)
@@ -384,13 +577,48 @@ def role_clients(args: argparse.Namespace) -> int:
         ) -> tuple[list[Any], int, dict[str, Any]]:
             return [p + delta for p in parameters], NUM_EXAMPLES, {}
 
+    return BenchClient()
+
+
+def role_server(args: argparse.Namespace) -> int:
+    """Legacy engine: flwr.server.start_server in this process."""
+    fl_server = importlib.import_module("flwr.server")
+    strategy = make_strategy(
+        system="flower-legacy",
+        clients=args.clients,
+        rounds=args.rounds,
+        model=args.model,
+        wait_s=float(args.timeout),
+        result_file=args.result_file,
+    )
+    server = fl_server.Server(client_manager=fl_server.SimpleClientManager(), strategy=strategy)
+    if args.max_workers is not None:
+        server.set_max_workers(args.max_workers)
+    try:
+        fl_server.start_server(
+            server_address=args.address,
+            server=server,
+            config=fl_server.ServerConfig(num_rounds=args.rounds, round_timeout=args.timeout),
+        )
+    except BaseException:
+        # An error inside start_server leaves its gRPC threads running, and the interpreter
+        # would wait for them forever at exit: report and leave at once.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    return 0
+
+
+def role_clients(args: argparse.Namespace) -> int:
+    """Legacy engine: N flwr.client.start_client calls as threads of this process."""
+    fl_client = importlib.import_module("flwr.client")
     errors: list[str] = []
 
     def one_client(i: int) -> None:
         try:
             fl_client.start_client(
                 server_address=args.address,
-                client=BenchClient().to_client(),
+                client=make_client().to_client(),
                 insecure=True,
                 max_retries=3,
                 max_wait_time=30.0,
@@ -416,6 +644,43 @@ def role_clients(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kill_me_with_parent() -> None:
+    """In the flwr-serverapp/flwr-clientapp processes: die with the helper that started
+    them. Their own parent monitor sends SIGINT, which a ServerApp blocked in a round
+    does not act on, so a killed benchmark would leave it behind."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def deployment_server_app() -> Any:
+    """Deployment engine: the ServerApp (legacy-compatible server_fn, same strategy)."""
+    _kill_me_with_parent()
+    fl_server = importlib.import_module("flwr.server")
+
+    def server_fn(context: Any) -> Any:
+        c = context.run_config
+        rounds = int(c["rounds"])
+        strategy = make_strategy(
+            system="flower-deployment",
+            clients=int(c["clients"]),
+            rounds=rounds,
+            model=str(c["model"]),
+            wait_s=float(c["timeout"]),
+            result_file=str(c["result-file"]),
+        )
+        config = fl_server.ServerConfig(num_rounds=rounds, round_timeout=float(c["timeout"]))
+        return fl_server.ServerAppComponents(strategy=strategy, config=config)
+
+    return fl_server.ServerApp(server_fn=server_fn)
+
+
+def deployment_client_app() -> Any:
+    """Deployment engine: the ClientApp."""
+    _kill_me_with_parent()
+    fl_client = importlib.import_module("flwr.client")
+    return fl_client.ClientApp(client_fn=lambda context: make_client().to_client())
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -432,15 +697,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Flower Server's fit thread pool (default: Flower's own, min(32, cpus + 4))",
     )
+    p.add_argument(
+        "--engine",
+        choices=["legacy", "deployment"],
+        default="legacy",
+        help="legacy: start_server/start_client; deployment: SuperLink/SuperNodes/flwr run",
+    )
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="spread the client threads over this many processes (default: 1)",
+    )
     p.add_argument("--keep-logs", metavar="DIR", help="copy server/clients logs into DIR")
     # Internal: the roles run under the Flower venv's python.
     p.add_argument("--role", choices=["server", "clients"], help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.clients < 1 or args.rounds < 1 or args.timeout <= 0:
-        p.error("--clients and --rounds must be >= 1 and --timeout > 0")
+    if args.engine == "deployment" and (args.max_workers or args.client_processes != 1):
+        p.error("--max-workers and --client-processes apply to --engine legacy only")
+    if min(args.clients, args.rounds, args.client_processes) < 1 or args.timeout <= 0:
+        p.error("--clients, --rounds and --client-processes must be >= 1, --timeout > 0")
     return args
+
+
+def _raise_exit(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         return role_server(args)
     if args.role == "clients":
         return role_clients(args)
+    # SIGTERM ends the run like Ctrl-C: every process started is stopped and reaped.
+    signal.signal(signal.SIGTERM, _raise_exit)
     try:
         if args.setup:
             setup()
