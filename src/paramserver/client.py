@@ -39,8 +39,14 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
-# Codes worth retrying: the server is not there (yet, or any more).
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# Codes worth retrying: the server is not there (yet, or any more), or it cut
+# the call while shutting down (CANCELLED: this library never cancels its own
+# calls). Every call is idempotent, so a retry is always safe.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# For calls that do not wait at the barrier, a deadline that passed means a
+# server that hung (e.g. while being restarted): retry those too. For
+# GetAveragedModel it is the caller's own limit on waiting, final.
+RETRYABLE_SHORT_CALLS = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
 
 # The inverse of server.STATUS_BY_ERROR, for errors whose details are missing.
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.ParamServerError]] = {
@@ -128,7 +134,8 @@ class ParameterServerClient:
     def register(self, name: str) -> Registration:
         """Raises InvalidClientNameError (as MalformedUpdateError), CapacityError."""
         reply = self._call(lambda: self._stub.RegisterClient(
-            pb.RegisterClientRequest(client_name=name), timeout=self.timeout))
+            pb.RegisterClientRequest(client_name=name), timeout=self.timeout),
+            RETRYABLE_SHORT_CALLS)
         specs = codec.specs_from_proto(reply.tensors)
         self._unary_limit = 0 if self.streaming else reply.max_unary_payload
         self._model_size = codec.payload_size(specs)
@@ -144,11 +151,12 @@ class ParameterServerClient:
         if codec.payload_size(header.specs) <= self._unary_limit:
             message = pb.UpdateMessage(header=codec.update_header_to_proto(header),
                                        data=b"".join(views))
-            reply = self._call(lambda: self._stub.SendUpdateUnary(message, timeout=self.timeout))
+            reply = self._call(lambda: self._stub.SendUpdateUnary(message, timeout=self.timeout),
+                               RETRYABLE_SHORT_CALLS)
         else:
             reply = self._call(lambda: self._stub.SendUpdate(
                 _with_crash_point(codec.update_requests(header, views, self.chunk_size), round),
-                timeout=self.timeout))
+                timeout=self.timeout), RETRYABLE_SHORT_CALLS)
         return Ack(reply.round, reply.duplicate, reply.received, reply.expected)
 
     def get_model(self, client_id: str, round: int, timeout: float | None = None,
@@ -162,15 +170,16 @@ class ParameterServerClient:
         return self._call(lambda: _receive_model(
             self._stub.GetAveragedModel(request, timeout=timeout or self.timeout)))
 
-    def _call(self, call: Callable[[], T]) -> T:
+    def _call(self, call: Callable[[], T], retryable: frozenset[grpc.StatusCode] = RETRYABLE,
+              ) -> T:
         for attempt in range(self.retry.attempts):
             try:
                 return call()
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or attempt + 1 == self.retry.attempts:
+                if error.code() not in retryable or attempt + 1 == self.retry.attempts:
                     raise error_from_rpc(error) from None
                 delay = self.retry.backoff(attempt)
-                log.info("server unavailable (%s); retry %d in %.2fs",
+                log.info("%s (%s); retry %d in %.2fs", error.code().name,
                          error.details(), attempt + 1, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")

@@ -11,7 +11,8 @@ Rules, all of them here:
 - Round 1 opens once `min_clients` clients have registered. Every round's
   cohort is the set of active clients at the moment it opens.
 - A client that registers while a round is open (or being aggregated) takes part
-  from the next round. Registration is idempotent: a known name keeps its slot,
+  from the next round. While a round waits for clients, the active clients may
+  already send their updates for it. Registration is idempotent: a known name keeps its slot,
   becomes active again, and is told which round it takes part in next (the open
   one if it is in its cohort and has not sent yet, else the next).
 - A round closes when every member of its cohort has sent one update (the
@@ -179,9 +180,9 @@ class RoundMachine(Generic[P]):
             return duplicate
         self.received[client_id] = Update(client_id, digest, payload)
         closed = None
-        if self.received.keys() >= self.cohort:
+        if self.phase is Phase.COLLECTING and self.received.keys() >= self.cohort:
             closed = self._close()
-        return Accepted(round, False, len(self.received), len(self.cohort), closed)
+        return Accepted(round, False, len(self.received), self._expected(), closed)
 
     def published(self, round: int, now: float) -> None:
         """The global model of `round` is published: open the next round."""
@@ -219,15 +220,18 @@ class RoundMachine(Generic[P]):
         self._known(client_id)
         if self.phase is Phase.FINISHED and round >= self.open_round:
             raise RunFinishedError(client_id, round, self.open_round)
-        if round > self.open_round or (
-                round == self.open_round and self.phase is Phase.WAITING_FOR_CLIENTS):
+        if round > self.open_round:
             raise FutureRoundError(client_id, round, self.open_round)
         if round < self.open_round:
             if round == self.published_round and self.last_digests.get(client_id) == digest:
                 n = len(self.last_digests)
                 return Accepted(round, True, n, n)
             raise StaleRoundError(client_id, round, self.open_round)
-        if client_id not in self.cohort:
+        # While the round waits for clients, its cohort-to-be is the active
+        # clients: they may send early (a fast client need not wait for the
+        # last registration); the barrier is checked once the round opens.
+        waiting = self.phase is Phase.WAITING_FOR_CLIENTS
+        if client_id not in (self.active if waiting else self.cohort):
             raise NotInCohortError(client_id, round, self.open_round)
         previous = self.received.get(client_id)
         if previous is None:
@@ -236,7 +240,7 @@ class RoundMachine(Generic[P]):
             return None
         if previous.digest != digest:
             raise ConflictingUpdateError(client_id, round)
-        return Accepted(round, True, len(self.received), len(self.cohort))
+        return Accepted(round, True, len(self.received), self._expected())
 
     def model_status(self, client_id: str, round: int) -> ModelStatus:
         """Whether the global model after `round` can be served now.
@@ -315,6 +319,9 @@ class RoundMachine(Generic[P]):
             self.phase = Phase.WAITING_FOR_CLIENTS
 
     def _open(self, now: float) -> None:
+        # Updates sent while the round waited stay. They cannot already
+        # complete the cohort: the registration that opens it adds a client
+        # that was not active before, so it has not sent.
         self.phase = Phase.COLLECTING
         self.cohort = self.active
         self.opened_at = now
@@ -322,6 +329,11 @@ class RoundMachine(Generic[P]):
     def _enrol(self, name: str) -> None:
         self.clients.setdefault(name, self.open_round)
         self.inactive.discard(name)
+
+    def _expected(self) -> int:
+        """Updates the open round waits for (its cohort, or the clients that
+        will be its cohort while it waits for more)."""
+        return len(self.active if self.phase is Phase.WAITING_FOR_CLIENTS else self.cohort)
 
     def _model_round_for(self, first_round: int) -> int:
         before = first_round - 1
@@ -352,6 +364,7 @@ class RoundMachine(Generic[P]):
             return None
         if cohort is None:
             self.phase = Phase.WAITING_FOR_CLIENTS
+            self.received = {u.client_id: u for u in received if u.client_id in self.clients}
             needed = self.min_clients if open_round == 1 else self.quorum
             if len(self.active) >= needed:
                 self._open(now)

@@ -107,8 +107,10 @@ class Model:
     def open(self, now: float) -> None:
         self.phase = Phase.COLLECTING
         self.cohort = self.active
-        self.sent = {}
-        self.opened_at = now
+        self.opened_at = now  # updates sent while it waited stay
+
+    def expected(self) -> int:
+        return len(self.active if self.phase is Phase.WAITING_FOR_CLIENTS else self.cohort)
 
     def next_round(self, now: float) -> None:
         self.sent = {}
@@ -141,11 +143,11 @@ def expected_submit_error(model: Model, client: str, round: int,
         return RunFinishedError
     if round > model.open_round:
         return FutureRoundError
-    if round == model.open_round and model.phase is Phase.WAITING_FOR_CLIENTS:
-        return FutureRoundError  # the round has not opened yet
     if round < model.open_round:
         return StaleRoundError
-    if client not in model.cohort:
+    # While the round waits for clients, the active ones may send early.
+    waiting = model.phase is Phase.WAITING_FOR_CLIENTS
+    if client not in (model.active if waiting else model.cohort):
         return NotInCohortError
     if client not in model.sent and model.phase is Phase.AGGREGATING:
         # Closed at its deadline without this client: too late for the round.
@@ -315,15 +317,15 @@ class BarrierMachine(RuleBasedStateMachine):
         before = snapshot(self.m)
         accepted = self.m.submit(client, round, digest, payload)
         if client in model.sent:  # the same update again: a duplicate
-            assert accepted == Accepted(round, True, len(model.sent), len(model.cohort)), accepted
+            assert accepted == Accepted(round, True, len(model.sent), model.expected()), accepted
             assert snapshot(self.m) == before, "a duplicate changed the state"
             return
-        assert model.phase is Phase.COLLECTING
+        assert model.phase in (Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS)
         model.sent[client] = (digest, payload)
         assert accepted.round == round
         assert not accepted.duplicate
-        assert (accepted.received, accepted.expected) == (len(model.sent), len(model.cohort))
-        if set(model.sent) != model.cohort:
+        assert (accepted.received, accepted.expected) == (len(model.sent), model.expected())
+        if model.phase is Phase.WAITING_FOR_CLIENTS or set(model.sent) != model.cohort:
             assert accepted.closed is None
             return
         # The barrier: exactly the cohort, in sorted client order, first updates.
@@ -417,11 +419,14 @@ class BarrierMachine(RuleBasedStateMachine):
         assert m.published_round <= m.open_round - 1
         assert len(m.clients) <= m.capacity
         assert m.inactive <= m.clients.keys()
-        assert m.received.keys() <= m.cohort <= m.clients.keys()
+        assert m.cohort <= m.clients.keys()
+        if m.phase is not Phase.WAITING_FOR_CLIENTS:
+            assert m.received.keys() <= m.cohort
         if m.phase is Phase.WAITING_FOR_CLIENTS:
             needed = m.min_clients if m.open_round == 1 else m.quorum
             assert len(m.active) < needed
             assert not m.cohort
+            assert m.received.keys() <= m.active  # early updates of its cohort-to-be
         elif m.phase is Phase.COLLECTING:
             assert m.received.keys() < m.cohort <= m.active
         elif m.phase is Phase.AGGREGATING:
@@ -529,6 +534,8 @@ TRANSITIONS: dict[tuple[Phase, str], frozenset[Phase]] = {
         frozenset({Phase.AGGREGATING, Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS,
                    Phase.FINISHED}),
     (Phase.COLLECTING, "submit"): frozenset({Phase.COLLECTING, Phase.AGGREGATING}),
+    # An early update while the round waits for clients; the barrier waits too.
+    (Phase.WAITING_FOR_CLIENTS, "submit"): frozenset({Phase.WAITING_FOR_CLIENTS}),
 }
 TIMEOUT = 10.0
 
