@@ -138,6 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     address = f"unix:{args.unix_socket}" if args.unix_socket else f"{args.host}:{args.port}"
     running = create_server(config, model.state_dict(), address)
+    del model  # the server keeps the payload; the module would double a large model
     if running.coordinator.finished:
         running.stop(grace=0)
         log.error("state dir %s holds a run that has finished all its rounds; start a new "

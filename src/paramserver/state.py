@@ -18,11 +18,12 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from paramserver import codec
+from paramserver.codec import Buffer
 from paramserver.errors import DecodeError, ParamServerError
 from paramserver.spool import fsync_dir
 from paramserver.v1 import parameter_server_pb2 as pb
@@ -47,11 +48,13 @@ class StoredModel:
     payload: bytes
 
 
-def write_atomic(path: Path, data: bytes, durable: bool = True,
+def write_atomic(path: Path, data: bytes | Sequence[Buffer], durable: bool = True,
                  before_rename: Callable[[], None] | None = None) -> None:
+    """`data` may be a list of pieces, written in order (no concatenated copy)."""
     temp = path.with_name(f".{path.name}.tmp")
     with open(temp, "wb") as f:
-        f.write(data)
+        for piece in [data] if isinstance(data, bytes) else data:
+            f.write(piece)
         if durable:
             f.flush()
             os.fsync(f.fileno())
@@ -102,7 +105,7 @@ class StateDir:
         new one. A crash in between leaves the previous file, from which the
         server recovers. `crash` is a test hook run just before the renames."""
         encoded = codec.model_header_to_proto(header).SerializeToString()
-        data = MODEL_MAGIC + struct.pack("<I", len(encoded)) + encoded + payload
+        data = [MODEL_MAGIC + struct.pack("<I", len(encoded)) + encoded, payload]
         current = self.root / MODEL_FILE
 
         def rotate() -> None:
