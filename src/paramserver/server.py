@@ -39,6 +39,8 @@ from paramserver.errors import (
     ShuttingDownError,
     UnknownClientError,
 )
+from paramserver.rounds import Accepted
+from paramserver.spool import SpooledUpdate
 from paramserver.v1 import parameter_server_pb2 as pb
 from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
 
@@ -127,8 +129,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             accepted = self._coordinator.check_submit(header)
             if accepted is None:  # not an idempotent retry: read the payload
                 accepted = self._coordinator.receive(header, _data_chunks(request_iterator))
-            return pb.SendUpdateResponse(round=accepted.round, duplicate=accepted.duplicate,
-                                         received=accepted.received, expected=accepted.expected)
+            return _ack(accepted)
 
     def GetAveragedModel(self, request: pb.GetAveragedModelRequest,
                          context: grpc.ServicerContext) -> Iterator[pb.GetAveragedModelResponse]:
@@ -136,8 +137,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             model = self._coordinator.wait_for_model(request.client_id, request.round,
                                                      context.time_remaining)
         if model is None:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"round {request.round} did not close before the deadline")
+            _deadline_exceeded(context, request.round)
         yield from codec.model_responses(model.header, [model.payload], self._chunk_size)
 
 
@@ -149,8 +149,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             accepted = self._coordinator.check_submit(header)
             if accepted is None:
                 accepted = self._coordinator.receive(header, [request.data])
-            return pb.SendUpdateResponse(round=accepted.round, duplicate=accepted.duplicate,
-                                         received=accepted.received, expected=accepted.expected)
+            return _ack(accepted)
 
     def GetAveragedModelUnary(self, request: pb.GetAveragedModelRequest,
                               context: grpc.ServicerContext) -> pb.ModelMessage:
@@ -159,10 +158,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             model = self._coordinator.wait_for_model(request.client_id, request.round,
                                                      context.time_remaining)
         if model is None:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"round {request.round} did not close before the deadline")
+            _deadline_exceeded(context, request.round)
         return pb.ModelMessage(header=codec.model_header_to_proto(model.header),
                                data=bytes(model.payload))
+
+
+def _ack(accepted: Accepted[SpooledUpdate]) -> pb.SendUpdateResponse:
+    return pb.SendUpdateResponse(round=accepted.round, duplicate=accepted.duplicate,
+                                 received=accepted.received, expected=accepted.expected)
+
+
+def _deadline_exceeded(context: grpc.ServicerContext, round: int) -> NoReturn:
+    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                  f"round {round} did not close before the deadline")
+    raise AssertionError("unreachable: abort raises")
 
 
 def _check_unary_size(size: int) -> None:
