@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -82,9 +83,10 @@ def main() -> int:
     return report(samples, args)
 
 
-def sample_while_running(server: object, round_log: Path, args: argparse.Namespace,
-                         port: int, deadline: float) -> dict[str, list[float]]:
-    proc = psutil.Process(server.pid)  # type: ignore[attr-defined]
+def sample_while_running(server: subprocess.Popen[bytes], round_log: Path,
+                         args: argparse.Namespace, port: int,
+                         deadline: float) -> dict[str, list[float]]:
+    proc = psutil.Process(server.pid)
     errors: list[str] = []
     address = f"127.0.0.1:{port}"
     threads = [threading.Thread(target=run_client, args=(

@@ -98,6 +98,7 @@ class Coordinator:
         self._waiters = 0
         self._stopping = False
         self._persisted_round = 0
+        self._adopt_next_round = False
         self._workers: list[threading.Thread] = []
         self._resume()
         self._timer = threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True)
@@ -230,7 +231,9 @@ class Coordinator:
             self._model = GlobalModel(header, payload)
             self._machine.published(accepted.round, self._clock())
             self._persist_round_opened()
-            self._adopt_spooled()
+            if self._adopt_next_round:
+                self._adopt_next_round = False
+                self._adopt_spooled()
             self._cond.notify_all()
         # Keep this round's updates until the next model is out: if the model
         # file just written turns out corrupt, they rebuild it.
@@ -289,6 +292,9 @@ class Coordinator:
             self._state.load_clients(), published, open_round, cohort,
             [Update(u.header.client_id, u.header.sha256, u) for u in received], self._clock())
         self._persisted_round = open_round if cohort else 0
+        # Only a round re-aggregated at start-up can have a successor with
+        # updates already on disk (see _adopt_spooled); no other publish looks.
+        self._adopt_next_round = closed is not None
         if closed is not None:
             log.info("resuming: round %d is complete on disk; aggregating it", open_round)
             with self._cond:
@@ -315,9 +321,10 @@ class Coordinator:
         return open_round, cohort, self._spool.load_round(open_round, self.specs)
 
     def _adopt_spooled(self) -> None:
-        # Under the lock, after a publish. Only after a fall back to the previous
-        # model file (the latest was corrupt) can the new open round already hold
-        # acknowledged updates on disk: count them, or their clients would wait.
+        # Under the lock, after the first publish since a resume that had to
+        # re-aggregate a round (the latest model file was corrupt or missing):
+        # the new open round may already hold acknowledged updates on disk.
+        # Count them, or their clients would wait for ever.
         machine = self._machine
         for update in self._spool.load_round(machine.open_round, self.specs):
             header = update.header

@@ -118,3 +118,30 @@ def test_shutdown_releases_waiters_with_unavailable(make: Make) -> None:
     assert [type(e) for e in raised] == [errors.ShuttingDownError]
     with pytest.raises(errors.ShuttingDownError):
         coordinator.register("c")
+
+
+def test_corrupt_latest_model_is_rebuilt_and_next_round_updates_kept(tmp_path: Path) -> None:
+    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True)
+    first = Coordinator(config, MODEL)
+    for name in ("a", "b"):
+        first.register(name)
+    send(first, "a", 1, 1.0)
+    send(first, "b", 1, 3.0)
+    published = wait(first, "a", 1).header
+    send(first, "a", 2, 5.0)  # acknowledged for round 2
+    first._state.close()
+    latest = tmp_path / "s" / "global.model"
+    data = bytearray(latest.read_bytes())
+    data[-1] ^= 0xFF
+    latest.write_bytes(bytes(data))
+    second = Coordinator(config, MODEL)
+    try:
+        assert wait(second, "a", 1).header == published  # rebuilt bit for bit from round 1
+        header, _ = update("a", 2, 5.0)
+        ack = second.check_submit(header)
+        assert ack is not None, "the acknowledged round-2 update was lost"
+        assert ack.duplicate
+        send(second, "b", 2, 7.0)
+        assert wait(second, "b", 2).header.num_updates == 2
+    finally:
+        second.shutdown(timeout=5)
