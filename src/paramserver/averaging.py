@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from paramserver.codec import ModelSpec, check_specs_match, spec_of
+from paramserver.codec import ModelSpec, all_finite, check_specs_match, spec_of
 from paramserver.errors import AveragingError, MalformedUpdateError
 
 StateDict = Mapping[str, torch.Tensor]
@@ -63,7 +63,7 @@ def fold(fractions: Sequence[float], blocks: Callable[[], Iterable[torch.Tensor]
     doubles the result (exact), and clamps to the finite range what the
     rounded fractions pushed past it (the true average never exceeds it)."""
     acc = _fold(fractions, blocks(), 1.0)
-    if dtype == torch.float64 and not torch.isfinite(acc).all():
+    if dtype == torch.float64 and not all_finite(acc):
         top = torch.finfo(torch.float64).max
         acc = _fold(fractions, blocks(), 0.5).mul_(2.0).clamp_(-top, top)
     return cast_result(acc, dtype)
@@ -109,7 +109,7 @@ def cast_result(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def check_finite(state_dict: StateDict) -> None:
     """Raises MalformedUpdateError naming the first tensor with NaN or Inf."""
     for name, tensor in state_dict.items():
-        if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
+        if tensor.dtype.is_floating_point and not all_finite(tensor):
             raise MalformedUpdateError("contains NaN or Inf", tensor=name)
 
 

@@ -146,8 +146,7 @@ class ParameterServerClient:
                     num_examples: int, metrics: Mapping[str, float] | None = None) -> Ack:
         """Uploads an update, retrying on UNAVAILABLE (safe: see module doc)."""
         views = codec.payload_views(state_dict)
-        header = codec.UpdateHeader(client_id, round, num_examples, codec.spec_of(state_dict),
-                                    codec.payload_digest(views), dict(metrics or {}))
+        header = self._update_header(client_id, round, state_dict, views, num_examples, metrics)
         if codec.payload_size(header.specs) <= self._unary_limit:
             message = pb.UpdateMessage(header=codec.update_header_to_proto(header),
                                        data=b"".join(views))
@@ -169,6 +168,61 @@ class ParameterServerClient:
                 self._stub.GetAveragedModelUnary(request, timeout=timeout or self.timeout)))
         return self._call(lambda: _receive_model(
             self._stub.GetAveragedModel(request, timeout=timeout or self.timeout)))
+
+    def exchange(self, client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
+                 num_examples: int, metrics: Mapping[str, float] | None = None,
+                 timeout: float | None = None,
+                 ) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:
+        """send_update then get_model for `round`: in one call (ExchangeUnary)
+        when the model fits the unary limit, else the two streaming calls.
+        Retrying is safe (see module doc); waits up to `timeout` at the barrier."""
+        views = codec.payload_views(state_dict)
+        if codec.payload_size(codec.spec_of(state_dict)) > self._unary_limit:
+            self.send_update(client_id, round, state_dict, num_examples, metrics)
+            return self.get_model(client_id, round, timeout)
+        message = pb.UpdateMessage(header=codec.update_header_to_proto(self._update_header(
+            client_id, round, state_dict, views, num_examples, metrics)), data=b"".join(views))
+        return self._call(lambda: _model_from_message(
+            self._stub.ExchangeUnary(message, timeout=timeout or self.timeout)))
+
+    def download_model(self, client_id: str, round: int, sink: Callable[[bytes], object],
+                       timeout: float | None = None) -> codec.ModelHeader:
+        """Streams the global model after `round` into `sink`, chunk by chunk,
+        in O(chunk) memory: for models too large to hold twice, or that go
+        straight to a file. Every chunk is checked (length, finite values)
+        before `sink` sees it; the SHA-256 only at the end, so on DecodeError or
+        MalformedUpdateError the caller must throw away what `sink` received.
+        Retries only until the first chunk reached `sink`."""
+        request = pb.GetAveragedModelRequest(client_id=client_id, round=round)
+        delivered = False
+
+        def receive() -> codec.ModelHeader:
+            nonlocal delivered
+            stream = iter(self._stub.GetAveragedModel(request, timeout=timeout or self.timeout))
+            header, checker = _start_model_stream(stream)
+            for data in _model_chunks(stream):
+                checker.feed(data)
+                delivered = True
+                sink(data)
+            checker.finish()
+            return header
+
+        def attempt() -> codec.ModelHeader:
+            try:
+                return receive()
+            except grpc.RpcError as error:
+                if delivered:  # a retry would feed `sink` the same bytes twice
+                    raise error_from_rpc(error) from None
+                raise
+
+        return self._call(attempt)
+
+    @staticmethod
+    def _update_header(client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
+                       views: list[memoryview], num_examples: int,
+                       metrics: Mapping[str, float] | None) -> codec.UpdateHeader:
+        return codec.UpdateHeader(client_id, round, num_examples, codec.spec_of(state_dict),
+                                  codec.payload_digest(views), dict(metrics or {}))
 
     def _call(self, call: Callable[[], T], retryable: frozenset[grpc.StatusCode] = RETRYABLE,
               ) -> T:
@@ -211,19 +265,29 @@ def _model_from_message(message: pb.ModelMessage,
 
 def _receive_model(responses: object) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:
     stream = iter(responses)  # type: ignore[call-overload]
+    header, checker = _start_model_stream(stream)
+    payload = bytearray()
+    for data in _model_chunks(stream):
+        checker.feed(data)
+        payload += data
+    checker.finish()
+    return header, codec.state_dict_from_payload(header.specs, payload)
+
+
+def _start_model_stream(stream: Iterator[pb.GetAveragedModelResponse],
+                        ) -> tuple[codec.ModelHeader, codec.PayloadChecker]:
     first = next(stream, None)
     if first is None or first.WhichOneof("part") != "header":
         raise errors.DecodeError("a GetAveragedModel stream must start with a ModelHeader")
     header = codec.model_header_from_proto(first.header)
-    checker = codec.PayloadChecker(header.specs, header.sha256)
-    payload = bytearray()
+    return header, codec.PayloadChecker(header.specs, header.sha256)
+
+
+def _model_chunks(stream: Iterator[pb.GetAveragedModelResponse]) -> Iterator[bytes]:
     for response in stream:
         if response.WhichOneof("part") != "data":
             raise errors.DecodeError("ModelHeader sent twice in one stream")
-        checker.feed(response.data)
-        payload += response.data
-    checker.finish()
-    return header, codec.state_dict_from_payload(header.specs, payload)
+        yield response.data
 
 
 def error_from_rpc(error: grpc.RpcError) -> errors.ParamServerError:

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from paramserver import codec
-from paramserver.coordinator import Coordinator, ServerConfig
+from paramserver.coordinator import Coordinator, GlobalModel, ServerConfig
 from paramserver.errors import (
     AveragingError,
     CapacityError,
@@ -144,12 +144,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def SendUpdateUnary(self, request: pb.UpdateMessage,
                         context: grpc.ServicerContext) -> pb.SendUpdateResponse:
         with _status_from_errors(context, "SendUpdateUnary"):
-            header = codec.update_header_from_proto(request.header)
-            _check_unary_size(len(request.data))
-            accepted = self._coordinator.check_submit(header)
-            if accepted is None:
-                accepted = self._coordinator.receive(header, [request.data])
-            return _ack(accepted)
+            return _ack(self._receive_unary(request))
 
     def GetAveragedModelUnary(self, request: pb.GetAveragedModelRequest,
                               context: grpc.ServicerContext) -> pb.ModelMessage:
@@ -157,10 +152,32 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             _check_unary_size(codec.payload_size(self._coordinator.specs))
             model = self._coordinator.wait_for_model(request.client_id, request.round,
                                                      context.time_remaining)
-        if model is None:
-            _deadline_exceeded(context, request.round)
-        return pb.ModelMessage(header=codec.model_header_to_proto(model.header),
-                               data=bytes(model.payload))
+        return _model_message(model, request.round, context)
+
+    def ExchangeUnary(self, request: pb.UpdateMessage,
+                      context: grpc.ServicerContext) -> pb.ModelMessage:
+        with _status_from_errors(context, "ExchangeUnary"):
+            accepted = self._receive_unary(request)
+            model = self._coordinator.wait_for_model(request.header.client_id, accepted.round,
+                                                     context.time_remaining)
+        return _model_message(model, accepted.round, context)
+
+    def _receive_unary(self, request: pb.UpdateMessage) -> Accepted[SpooledUpdate]:
+        header = codec.update_header_from_proto(request.header)
+        data = request.data  # each access copies the payload out of the message
+        _check_unary_size(len(data))
+        accepted = self._coordinator.check_submit(header)
+        if accepted is None:  # not an idempotent retry
+            accepted = self._coordinator.receive(header, [data])
+        return accepted
+
+
+def _model_message(model: GlobalModel | None, round: int,
+                   context: grpc.ServicerContext) -> pb.ModelMessage:
+    if model is None:
+        _deadline_exceeded(context, round)
+    return pb.ModelMessage(header=codec.model_header_to_proto(model.header),
+                           data=bytes(model.payload))
 
 
 def _ack(accepted: Accepted[SpooledUpdate]) -> pb.SendUpdateResponse:
@@ -198,8 +215,13 @@ def _data_chunks(requests: Iterator[pb.SendUpdateRequest]) -> Iterator[bytes]:
 
 # Keepalive: notice a silently dead peer within about half a minute, and let
 # clients that wait long at the barrier ping without being cut off.
+# No BDP probing: it grows every stream's receive window so that gRPC buffers
+# tens of MB per concurrent upload ahead of the handler; with it, server RSS
+# for a 100 MB model went from 0.67 GB at 4 clients to 3.3 GB at 64 (0.55 GB
+# and 0.63 GB without, at the same speed on loopback; docs/benchmarks.md).
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
+    ("grpc.http2.bdp_probe", 0),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -214,6 +236,7 @@ class RunningServer:
     port: int
     coordinator: Coordinator
     health: health.HealthServicer
+    executor: concurrent.futures.ThreadPoolExecutor
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: health goes NOT_SERVING, waiters are released with
@@ -222,6 +245,11 @@ class RunningServer:
         self.health.enter_graceful_shutdown()
         self.coordinator.shutdown()
         self.server.stop(grace).wait()
+        # Let every handler thread return before the caller exits: a handler
+        # still inside gRPC while the interpreter finalizes can abort the
+        # process ("terminate called without an active exception", seen once
+        # in the SIGTERM chaos test).
+        self.executor.shutdown(wait=True)
 
 
 def create_server(config: ServerConfig, initial_model: Mapping[str, torch.Tensor],
@@ -234,9 +262,9 @@ def create_server(config: ServerConfig, initial_model: Mapping[str, torch.Tensor
     the uploads that release them."""
     coordinator = Coordinator(config, initial_model)
     workers = config.capacity + 16
-    server = grpc.server(
-        concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        maximum_concurrent_rpcs=workers * 2, options=SERVER_OPTIONS)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                     thread_name_prefix="rpc")
+    server = grpc.server(executor, maximum_concurrent_rpcs=workers * 2, options=SERVER_OPTIONS)
     servicer = ParameterServerServicer(coordinator, config.chunk_size, config)
     pb_grpc.add_ParameterServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
@@ -248,4 +276,4 @@ def create_server(config: ServerConfig, initial_model: Mapping[str, torch.Tensor
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, coordinator, health_servicer)
+    return RunningServer(server, port, coordinator, health_servicer, executor)

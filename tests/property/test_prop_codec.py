@@ -105,6 +105,15 @@ def test_nan_payload_bits_survive(dtype: torch.dtype, data: st.DataObject) -> No
     assert tensor_bytes(decoded["t"]) == raw
 
 
+@given(st.sampled_from(FLOAT_DTYPES), st.integers(0, 300), st.data())
+def test_all_finite_agrees_with_isfinite(dtype: torch.dtype, size: int,
+                                         data: st.DataObject) -> None:
+    """The fast check (aminmax) against the obvious one, on arbitrary bit
+    patterns: every NaN (signalling or quiet, any payload), +-Inf, anywhere."""
+    tensor = data.draw(raw_tensors(dtype, (size,)), label="tensor")
+    assert codec.all_finite(tensor) == bool(torch.isfinite(tensor).all())
+
+
 @given(valid_model_specs())
 def test_specs_round_trip(specs: codec.ModelSpec) -> None:
     msgs = codec.specs_to_proto(specs)

@@ -62,6 +62,42 @@ def test_round_trip_through_the_barrier(client: ParameterServerClient) -> None:
     assert header.metrics["loss"] == pytest.approx(1.75)
     assert codec.state_dict_digest(model) == header.sha256
 
+def test_exchange_sends_and_returns_the_round_model(client: ParameterServerClient) -> None:
+    client.register("a")
+    client.register("b")
+    results: dict[str, tuple[codec.ModelHeader, dict[str, torch.Tensor]]] = {}
+    thread = threading.Thread(target=lambda: results.update(
+        a=client.exchange("a", 1, update(1.0), 10, timeout=10)))
+    thread.start()
+    results["b"] = client.exchange("b", 1, update(3.0), 30, timeout=10)
+    thread.join(timeout=10)
+    expected = average_state_dicts({"a": (10, update(1.0)), "b": (30, update(3.0))})
+    for header, model in results.values():
+        assert (header.round, header.num_updates) == (1, 2)
+        assert header.sha256 == codec.state_dict_digest(expected)
+        assert codec.state_dict_digest(model) == header.sha256
+    # A retry after a lost reply: counted once, the same model comes back.
+    header, _ = client.exchange("a", 1, update(1.0), 10, timeout=10)
+    assert (header.round, header.num_updates) == (1, 2)
+    with pytest.raises(errors.StaleRoundError):  # a different update after the close
+        client.exchange("a", 1, update(2.0), 10, timeout=10)
+
+
+def test_download_streams_the_model_into_a_sink(server: RunningServer) -> None:
+    with ParameterServerClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        c.register("a")
+        c.register("b")
+        c.send_update("a", 1, update(1.0), 10)
+        c.send_update("b", 1, update(3.0), 30)
+        chunks: list[bytes] = []
+        header = c.download_model("a", 1, chunks.append)
+        _, model = c.get_model("a", 1)
+    assert len(chunks) > 1, "chunk_size=16 splits the payload"
+    assert header.round == 1
+    assert header.sha256 == codec.state_dict_digest(model)
+    assert b"".join(chunks) == b"".join(codec.payload_views(model))
+
+
 def test_errors_carry_their_class_across_the_wire(client: ParameterServerClient) -> None:
     client.register("a")
     with pytest.raises(errors.UnknownClientError, match="ghost"):

@@ -60,6 +60,11 @@ class ParameterServerStub:
                 request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.FromString,
                 _registered_method=True)
+        self.ExchangeUnary = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/ExchangeUnary',
+                request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -118,6 +123,18 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExchangeUnary(self, request, context):
+        """SendUpdateUnary then GetAveragedModelUnary for the same round, in one call
+        (half the calls per round): the update is checked and acknowledged exactly
+        as by SendUpdateUnary (durably, before the call starts waiting), then the
+        call waits at the barrier and returns the global model of that round.
+        Retrying after a lost reply is safe: the identical update is a duplicate
+        and the model is returned. Same size limit; the errors of both calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +161,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'GetAveragedModelUnary': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAveragedModelUnary,
                     request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.SerializeToString,
+            ),
+            'ExchangeUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeUnary,
+                    request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.FromString,
                     response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.SerializeToString,
             ),
     }
@@ -282,6 +304,33 @@ class ParameterServer:
             target,
             '/paramserver.v1.ParameterServer/GetAveragedModelUnary',
             paramserver_dot_v1_dot_parameter__server__pb2.GetAveragedModelRequest.SerializeToString,
+            paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/ExchangeUnary',
+            paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.SerializeToString,
             paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.FromString,
             options,
             channel_credentials,
