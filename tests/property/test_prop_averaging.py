@@ -401,15 +401,17 @@ wire_weights = st.integers(1, codec.MAX_NUM_EXAMPLES)
 
 
 @given(updates(float_max=None, int_max=None, weight=wire_weights), st.integers(1, 64),
-       st.integers(-2, 48))
+       st.integers(-2, 48), st.integers(1, 3))
 def test_spooled_aggregate_is_bit_identical_to_in_memory(
-        case: tuple[list[Entry], Updates], chunk: int, block_bytes: int) -> None:
+        case: tuple[list[Entry], Updates], chunk: int, block_bytes: int, workers: int) -> None:
+    """Whatever the block size and however many threads fold blocks at once."""
     _specs, update_set = case
     expected = average_state_dicts(update_set)
     model_spec = codec.spec_of(expected)
     with tempfile.TemporaryDirectory() as tmp:
         spooled = spool_updates(Path(tmp), update_set, chunk)
-        payload = spool.aggregate(model_spec, spooled, block_bytes=block_bytes)
+        payload = spool.aggregate(model_spec, spooled, block_bytes=block_bytes,
+                                  workers=workers)
     assert len(payload) == codec.payload_size(model_spec)
     assert codec.payload_digest([payload]) == codec.state_dict_digest(expected)
 

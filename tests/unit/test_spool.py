@@ -24,13 +24,14 @@ def write(spool: Spool, client: str, sd: dict[str, torch.Tensor], weight: int) -
     return writer.commit()
 
 
-def test_aggregate_from_disk_equals_in_memory_average(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 4])
+def test_aggregate_from_disk_equals_in_memory_average(tmp_path: Path, workers: int) -> None:
     spool = Spool(tmp_path)
     sds = {f"c{i}": (i + 2, {"w": torch.randn(50, 7), "b": torch.randn(7).half(),
                              "n": torch.tensor(i)}) for i in range(4)}
     updates = [write(spool, c, sd, w) for c, (w, sd) in sorted(sds.items())]
     specs = codec.spec_of(sds["c0"][1])
-    payload = aggregate(specs, updates, block_bytes=64)  # many blocks per tensor
+    payload = aggregate(specs, updates, block_bytes=64, workers=workers)  # many blocks
     assert codec.payload_digest([payload]) == codec.state_dict_digest(average_state_dicts(sds))
 
 
