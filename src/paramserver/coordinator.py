@@ -10,8 +10,10 @@ Waiters at the barrier sleep on the condition (no polling) and are woken when a
 model is published, a round is aborted, or the server shuts down.
 
 Durability (ordering is the point):
-  ack an update      after its file is fsynced and renamed into its round dir
-  close a round      write closed.json (who is in it) before aggregating
+  ack an update      after its file is fsynced, renamed into its round dir
+                     (under the lock) and the dir fsynced (outside it)
+  close a round      if some of the cohort is missing (deadline), write
+                     closed.json (who is in it) before aggregating
   publish            write the model (keeping the previous), then open the next
                      round (cohort.json), then drop the old round's files
   abort a round      write an `aborted` marker, then open the next round
@@ -139,17 +141,23 @@ class Coordinator:
             checker.finish()
             writer.seal()  # the fsync, outside the lock
             with self._cond:  # re-decide: the round may have moved on meanwhile
-                duplicate = self._machine.check_submit(header.client_id, header.round,
-                                                       header.sha256)
-                if duplicate is not None:
-                    return duplicate
-                accepted = self._machine.submit(header.client_id, header.round,
-                                                header.sha256, writer.commit())
-                faults.maybe_crash("before_ack", header.round)
-                if accepted.closed is not None:
-                    self._start_aggregation(accepted)
+                accepted = self._machine.check_submit(header.client_id, header.round,
+                                                      header.sha256)
+                if accepted is None:
+                    accepted = self._machine.submit(header.client_id, header.round,
+                                                    header.sha256, writer.commit())
+                    if accepted.closed is not None:
+                        self._start_aggregation(accepted)
         finally:
             writer.discard()  # no-op after commit
+        # The rename's fsync, outside the lock (under it, every upload of a
+        # round queued behind the others' fsyncs). A duplicate's original may
+        # still be on its way to disk in another call: sync the round for it.
+        if accepted.duplicate:
+            self._spool.sync_round(header.round)
+        else:
+            writer.sync()
+        faults.maybe_crash("before_ack", header.round)
         faults.crash_at_next_call("after_ack", header.round)
         return accepted
 
@@ -202,8 +210,12 @@ class Coordinator:
         # Called under the lock, right after the machine closed the round.
         assert accepted.closed is not None
         closed = [u.client_id for u in accepted.closed]
-        self._state.write_json(self._spool.round_dir(accepted.round) / "closed.json",
-                               {"round": accepted.round, "clients": closed})
+        if set(closed) != self._machine.cohort:
+            # Closed at its deadline without some of the cohort: a restart
+            # must aggregate exactly these. A round closed by its whole cohort
+            # needs no record: cohort.json and the update files say as much.
+            self._state.write_json(self._spool.round_dir(accepted.round) / "closed.json",
+                                   {"round": accepted.round, "clients": closed})
         worker = threading.Thread(target=self._aggregate, args=(accepted,),
                                   name=f"aggregate-{accepted.round}", daemon=True)
         self._workers = [w for w in self._workers if w.is_alive()] + [worker]
@@ -228,6 +240,7 @@ class Coordinator:
         self._state.save_model(header, payload, crash=functools.partial(
             faults.maybe_crash, "during_model_write", accepted.round))
         with self._cond:
+            previous = self._model.header.round
             self._model = GlobalModel(header, payload)
             self._machine.published(accepted.round, self._clock())
             self._persist_round_opened()
@@ -236,8 +249,10 @@ class Coordinator:
                 self._adopt_spooled()
             self._cond.notify_all()
         # Keep this round's updates until the next model is out: if the model
-        # file just written turns out corrupt, they rebuild it.
-        self._spool.drop_rounds_before(accepted.round)
+        # file just written turns out corrupt, they rebuild it. Rounds between
+        # the two published ones were aborted and dropped then; older ones
+        # were dropped at start-up (_find_open_round).
+        self._spool.drop_round(previous)
         self._log_round(header, time.perf_counter() - started, opened_at)
 
     def _deadline_loop(self) -> None:

@@ -110,6 +110,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._coordinator = coordinator
         self._chunk_size = chunk_size
         self._config = config
+        # The last ModelMessage built, for the model it was built from: every
+        # client of a round asks for the same one (a copy of the payload and
+        # a header conversion each, otherwise).
+        self._last_message: tuple[GlobalModel, pb.ModelMessage] | None = None
 
     def RegisterClient(self, request: pb.RegisterClientRequest,
                        context: grpc.ServicerContext) -> pb.RegisterClientResponse:
@@ -152,7 +156,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             _check_unary_size(codec.payload_size(self._coordinator.specs))
             model = self._coordinator.wait_for_model(request.client_id, request.round,
                                                      context.time_remaining)
-        return _model_message(model, request.round, context)
+        return self._model_message(model, request.round, context)
 
     def ExchangeUnary(self, request: pb.UpdateMessage,
                       context: grpc.ServicerContext) -> pb.ModelMessage:
@@ -160,7 +164,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             accepted = self._receive_unary(request)
             model = self._coordinator.wait_for_model(request.header.client_id, accepted.round,
                                                      context.time_remaining)
-        return _model_message(model, accepted.round, context)
+        return self._model_message(model, accepted.round, context)
+
+    def _model_message(self, model: GlobalModel | None, round: int,
+                       context: grpc.ServicerContext) -> pb.ModelMessage:
+        if model is None:
+            _deadline_exceeded(context, round)
+        cached = self._last_message  # one read: other threads may replace it
+        if cached is not None and cached[0] is model:
+            return cached[1]  # serialized per call, never changed after this
+        message = pb.ModelMessage(header=codec.model_header_to_proto(model.header),
+                                  data=bytes(model.payload))
+        self._last_message = (model, message)
+        return message
 
     def _receive_unary(self, request: pb.UpdateMessage) -> Accepted[SpooledUpdate]:
         header = codec.update_header_from_proto(request.header)
@@ -170,14 +186,6 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if accepted is None:  # not an idempotent retry
             accepted = self._coordinator.receive(header, [data])
         return accepted
-
-
-def _model_message(model: GlobalModel | None, round: int,
-                   context: grpc.ServicerContext) -> pb.ModelMessage:
-    if model is None:
-        _deadline_exceeded(context, round)
-    return pb.ModelMessage(header=codec.model_header_to_proto(model.header),
-                           data=bytes(model.payload))
 
 
 def _ack(accepted: Accepted[SpooledUpdate]) -> pb.SendUpdateResponse:

@@ -44,6 +44,8 @@ UPDATE_MAGIC = b"PSUPD01\n"
 BLOCK_BYTES = 1 << 20
 # Threads folding blocks at once; each holds about 5 block sizes of buffers.
 AGGREGATION_WORKERS = min(4, os.cpu_count() or 1)
+# Below this payload size, starting the threads costs more than they save.
+PARALLEL_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,9 @@ class SpooledUpdate:
 class SpoolWriter:
     """One update being received: `write` while it streams in, `seal` when it is
     complete (flush and, if durable, fsync: slow, so done without the server's
-    lock), then `commit` (an atomic rename: fast, done under the lock) or
-    `discard`. `discard` after `commit` does nothing, so it can sit in `finally`.
+    lock), then `commit` (an atomic rename: fast, done under the lock) and
+    `sync` (the directory's fsync, again without the lock), or `discard`.
+    `discard` after `commit` does nothing, so it can sit in `finally`.
     """
 
     def __init__(self, final: Path, header: codec.UpdateHeader, durable: bool) -> None:
@@ -87,11 +90,17 @@ class SpoolWriter:
         self._file.close()
 
     def commit(self) -> SpooledUpdate:
+        """The rename: the update is in its round from here on. Not yet durable
+        (see `sync`), so that the caller's lock is not held over an fsync."""
         os.replace(self._temp, self._final)
         self._committed = True
+        return SpooledUpdate(self._final, self._offset, self._header)
+
+    def sync(self) -> None:
+        """Makes the rename durable (if the spool is): call after `commit`,
+        before acknowledging the update."""
         if self._durable:
             fsync_dir(self._final.parent)
-        return SpooledUpdate(self._final, self._offset, self._header)
 
     def discard(self) -> None:
         if self._committed:
@@ -116,8 +125,29 @@ class Spool:
         directory.mkdir(exist_ok=True)
         return SpoolWriter(directory / f"{header.client_id}.update", header, self.durable)
 
+    def sync_round(self, round: int) -> None:
+        """Makes every rename into the round's directory durable, if the spool
+        is and the directory still exists (a round's directory goes once the
+        next model is published, when its updates no longer matter)."""
+        if self.durable:
+            try:
+                fsync_dir(self.round_dir(round))
+            except FileNotFoundError:
+                pass
+
     def drop_round(self, round: int) -> None:
-        shutil.rmtree(self.round_dir(round), ignore_errors=True)
+        """Removes a round's directory, if there is one. A round directory holds
+        only files, so a scandir and unlinks do (rmtree costs several times
+        more, per round, on the hot path)."""
+        directory = self.round_dir(round)
+        try:
+            for entry in os.scandir(directory):
+                os.unlink(entry.path)
+            os.rmdir(directory)
+        except FileNotFoundError:
+            return
+        except OSError:  # something unexpected in it: remove whatever is there
+            shutil.rmtree(directory, ignore_errors=True)
 
     def drop_rounds_before(self, round: int) -> None:
         for path in self.root.glob("round-*"):
@@ -162,7 +192,7 @@ def read_update(path: Path, specs: ModelSpec) -> SpooledUpdate:
 
 
 def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
-              block_bytes: int = BLOCK_BYTES, workers: int = AGGREGATION_WORKERS) -> bytearray:
+              block_bytes: int = BLOCK_BYTES, workers: int | None = None) -> bytearray:
     """The weighted average of the spooled updates (in the order given, which
     must be canonical) as a payload laid out by `specs`.
 
@@ -185,6 +215,9 @@ def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
             out_view[start:start + size] = tensor_view(result)
 
         blocks = list(_blocks(specs, block_bytes))
+        if workers is None:  # threads only pay off for large models
+            large = payload_size(specs) >= PARALLEL_BYTES
+            workers = AGGREGATION_WORKERS if large else 1
         if workers <= 1 or len(blocks) <= 1:
             for block in blocks:
                 fold_block(block)
