@@ -13,6 +13,7 @@ Does file I/O; must not import grpc.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import logging
@@ -130,10 +131,8 @@ class Spool:
         is and the directory still exists (a round's directory goes once the
         next model is published, when its updates no longer matter)."""
         if self.durable:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 fsync_dir(self.round_dir(round))
-            except FileNotFoundError:
-                pass
 
     def drop_round(self, round: int) -> None:
         """Removes a round's directory, if there is one. A round directory holds
