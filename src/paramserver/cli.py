@@ -123,12 +123,18 @@ def run_serve(args: argparse.Namespace) -> int:
                  if args.eval_examples > 0 else None)
     if args.fresh and args.state_dir.exists():
         shutil.rmtree(args.state_dir)
+    stopping = threading.Event()
+    failures: list[BaseException] = []
+
+    def on_failure(error: BaseException) -> None:
+        failures.append(error)
+        stopping.set()
+
     config = ServerConfig(
         min_clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,
         round_timeout=args.round_timeout or None, quorum=args.min_clients,
         chunk_size=args.chunk_size, state_dir=args.state_dir, durable=not args.no_fsync,
-        round_log=args.round_log, evaluator=evaluator)
-    stopping = threading.Event()
+        round_log=args.round_log, evaluator=evaluator, on_failure=on_failure)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
@@ -150,6 +156,9 @@ def run_serve(args: argparse.Namespace) -> int:
         processes.write_ready_file(args.ready_file, running.port)
     stopping.wait()
     running.stop(grace=5.0)
+    if failures:
+        log.error("stopped after a failure; restart on the same --state-dir to resume")
+        return 1
     log.info("stopped; state flushed to %s", args.state_dir)
     return 0
 

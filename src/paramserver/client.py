@@ -271,7 +271,7 @@ def _receive_model(responses: object) -> tuple[codec.ModelHeader, dict[str, torc
         checker.feed(data)
         payload += data
     checker.finish()
-    return header, codec.state_dict_from_payload(header.specs, payload)
+    return header, codec.state_dict_from_payload(header.specs, payload, borrow=True)
 
 
 def _start_model_stream(stream: Iterator[pb.GetAveragedModelResponse],

@@ -292,15 +292,23 @@ def tensor_from_bytes(spec: TensorSpec, data: bytes | bytearray | memoryview) ->
 
 
 def state_dict_from_payload(specs: ModelSpec, payload: bytes | bytearray | memoryview,
-                            ) -> dict[str, torch.Tensor]:
-    """Raises DecodeError if the payload's length does not match the specs."""
+                            *, borrow: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors owning copies of the payload's bytes; with `borrow` (payload must
+    be a bytearray the caller hands over and no longer touches) the tensors
+    share its memory instead, where the dtype's alignment allows: no copy of a
+    large model. Raises DecodeError if the length does not match the specs."""
     if len(payload) != payload_size(specs):
         raise DecodeError(f"payload is {len(payload)} bytes, specs need {payload_size(specs)}")
     view = memoryview(payload)
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for spec in specs:
-        out[spec.name] = tensor_from_bytes(spec, view[offset:offset + spec.nbytes])
+        if (borrow and isinstance(payload, bytearray) and spec.nbytes
+                and offset % spec.dtype.itemsize == 0):
+            out[spec.name] = torch.frombuffer(payload, dtype=torch.uint8, count=spec.nbytes,
+                                              offset=offset).view(spec.dtype).reshape(spec.shape)
+        else:
+            out[spec.name] = tensor_from_bytes(spec, view[offset:offset + spec.nbytes])
         offset += spec.nbytes
     return out
 
@@ -409,4 +417,4 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return math.isfinite(low.item()) and math.isfinite(high.item())

@@ -75,6 +75,9 @@ class ServerConfig:
     durable: bool = True  # fsync every acknowledged update and published model
     round_log: Path | None = None  # JSON lines, one per published round
     evaluator: Evaluator | None = field(default=None, repr=False)
+    # Called (from the failing thread) when the server cannot go on: e.g. an
+    # aggregation hit an I/O error. The coordinator has already stopped.
+    on_failure: Callable[[BaseException], None] | None = field(default=None, repr=False)
 
 
 class Coordinator:
@@ -222,6 +225,25 @@ class Coordinator:
         worker.start()
 
     def _aggregate(self, accepted: Accepted[SpooledUpdate]) -> None:
+        try:
+            self._aggregate_and_publish(accepted)
+        except Exception as error:
+            self._fail(f"aggregating round {accepted.round}", error)
+
+    def _fail(self, what: str, error: Exception) -> None:
+        # Fail-stop: a round stuck in AGGREGATING would hold every client until
+        # its deadline. Stopping releases them (UNAVAILABLE: they retry), and a
+        # restart re-aggregates the round from its acknowledged updates on disk.
+        log.critical("%s failed (%s: %s); stopping. A restart on the same state dir "
+                     "aggregates the round again from its spooled updates.", what,
+                     type(error).__name__, error, exc_info=error)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._config.on_failure is not None:
+            self._config.on_failure(error)
+
+    def _aggregate_and_publish(self, accepted: Accepted[SpooledUpdate]) -> None:
         assert accepted.closed is not None
         updates = [u.payload for u in accepted.closed]
         started = time.perf_counter()

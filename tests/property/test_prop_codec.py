@@ -74,13 +74,15 @@ def test_payload_round_trip_is_bit_exact(state_dict: StateDict, chunk_size: int)
     assert all(0 < len(c) <= chunk_size for c in chunks)
     assert codec.payload_digest(chunks) == codec.state_dict_digest(state_dict)
 
-    decoded = codec.state_dict_from_payload(specs, b"".join(chunks))
-    assert list(decoded) == list(state_dict)
-    for name, tensor in state_dict.items():
-        assert decoded[name].dtype == tensor.dtype, name
-        assert decoded[name].shape == tensor.shape, name
-        assert tensor_bytes(decoded[name]) == tensor_bytes(tensor), name
-    assert codec.spec_of(decoded) == specs
+    for borrow in (False, True):  # copies, or views into one buffer where aligned
+        decoded = codec.state_dict_from_payload(specs, bytearray(b"".join(chunks)),
+                                                borrow=borrow)
+        assert list(decoded) == list(state_dict)
+        for name, tensor in state_dict.items():
+            assert decoded[name].dtype == tensor.dtype, name
+            assert decoded[name].shape == tensor.shape, name
+            assert tensor_bytes(decoded[name]) == tensor_bytes(tensor), name
+        assert codec.spec_of(decoded) == specs
 
 
 @given(st.sampled_from(FLOAT_DTYPES), st.data())

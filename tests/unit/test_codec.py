@@ -31,6 +31,20 @@ def test_payload_round_trip_is_bit_exact() -> None:
         assert torch.equal(back[name], tensor)
 
 
+def test_borrowed_tensors_share_the_payload_where_aligned() -> None:
+    sd = {"w": torch.arange(6, dtype=torch.float32), "odd": torch.ones(3, dtype=torch.float16),
+          "d": torch.tensor([2.5], dtype=torch.float64)}
+    specs = codec.spec_of(sd)
+    payload = bytearray(b"".join(codec.payload_views(sd)))
+    back = codec.state_dict_from_payload(specs, payload, borrow=True)
+    assert back["w"].data_ptr() == torch.frombuffer(payload, dtype=torch.uint8).data_ptr()
+    # "d" starts at byte 30: not 8-aligned, so it is a copy, with the same value.
+    assert torch.equal(back["d"], sd["d"])
+    assert torch.equal(back["odd"], sd["odd"])
+    back["w"].add_(1)  # writable, and writes land in the payload it borrows
+    assert payload[:4] == bytes(codec.tensor_view(torch.tensor([1.0])))
+
+
 def test_chunks_have_exact_size_and_cover_payload() -> None:
     views = [memoryview(b"abc"), memoryview(b""), memoryview(b"defgh")]
     assert list(codec.iter_chunks(views, 3)) == [b"abc", b"def", b"gh"]

@@ -98,6 +98,56 @@ def test_restart_resumes_the_open_round_with_acknowledged_updates(tmp_path: Path
         second.shutdown(timeout=5)
 
 
+def test_a_retry_racing_its_original_is_a_durable_duplicate(tmp_path: Path) -> None:
+    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True)
+    coordinator = Coordinator(config, MODEL)
+    try:
+        coordinator.register("a")
+        coordinator.register("b")
+        header, chunks = update("a", 1, 1.0)
+        # Both calls got past check_submit before either was counted.
+        first = coordinator.receive(header, chunks)
+        again = coordinator.receive(header, chunks)
+        assert (first.duplicate, again.duplicate) == (False, True)
+        assert (first.received, again.received) == (1, 1)
+        assert sorted(p.name for p in (tmp_path / "s" / "updates" / "round-00000001").glob(
+            "*.update")) == ["a.update"]
+        send(coordinator, "b", 1, 3.0)
+        assert wait(coordinator, "a", 1).header.num_updates == 2
+    finally:
+        coordinator.shutdown(timeout=5)
+
+
+def test_a_failed_aggregation_stops_the_server_and_a_restart_redoes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    failures: list[BaseException] = []
+    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True,
+                          on_failure=failures.append)
+    first = Coordinator(config, MODEL)
+
+    def disk_error(*args: object, **kwargs: object) -> bytearray:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("paramserver.coordinator.aggregate", disk_error)
+    first.register("a")
+    first.register("b")
+    send(first, "a", 1, 1.0)
+    send(first, "b", 1, 3.0)  # closes round 1; its aggregation fails
+    with pytest.raises(errors.ShuttingDownError):
+        wait(first, "a", 1)  # released at once, not held until a deadline
+    assert [type(e) for e in failures] == [OSError]
+    first.shutdown(timeout=5)
+    monkeypatch.undo()
+    second = Coordinator(dataclasses.replace(config, on_failure=None), MODEL)
+    try:
+        model = wait(second, "a", 1)
+        assert model.header.num_updates == 2
+        assert torch.equal(codec.state_dict_from_payload(second.specs, model.payload)["w"],
+                           torch.full((5,), 2.0))
+    finally:
+        second.shutdown(timeout=5)
+
+
 def test_shutdown_releases_waiters_with_unavailable(make: Make) -> None:
     coordinator = make()
     coordinator.register("a")

@@ -52,6 +52,22 @@ def test_discard_leaves_nothing_and_commit_is_atomic(tmp_path: Path) -> None:
     assert not (tmp_path / "round-00000003").exists()
 
 
+def test_rounds_are_synced_and_dropped_whether_or_not_they_exist(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, durable=True)
+    sd = {"w": torch.arange(4.0)}
+    writer = spool.writer(header("c1", sd, 2, round=5))
+    writer.write(b"".join(codec.payload_views(sd)))
+    writer.seal()
+    writer.commit()
+    writer.sync()
+    spool.sync_round(5)
+    assert (tmp_path / "round-00000005" / "c1.update").exists()
+    spool.drop_round(5)
+    assert not (tmp_path / "round-00000005").exists()
+    spool.sync_round(5)  # gone: nothing to make durable, and no error
+    spool.drop_round(5)
+
+
 def test_load_round_drops_corrupt_and_partial_files(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     sd = {"w": torch.arange(4.0)}
