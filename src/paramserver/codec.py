@@ -305,7 +305,10 @@ def state_dict_from_payload(specs: ModelSpec, payload: bytes | bytearray | memor
     for spec in specs:
         if (borrow and isinstance(payload, bytearray) and spec.nbytes
                 and offset % spec.dtype.itemsize == 0):
-            out[spec.name] = torch.frombuffer(payload, dtype=torch.uint8, count=spec.nbytes,
+            # Through `view`, an export of the bytearray that the tensors keep:
+            # while they live, resizing it raises BufferError instead of
+            # leaving them pointing at freed memory.
+            out[spec.name] = torch.frombuffer(view, dtype=torch.uint8, count=spec.nbytes,
                                               offset=offset).view(spec.dtype).reshape(spec.shape)
         else:
             out[spec.name] = tensor_from_bytes(spec, view[offset:offset + spec.nbytes])

@@ -16,7 +16,8 @@ Durability (ordering is the point):
                      closed.json (who is in it) before aggregating
   publish            write the model (keeping the previous), then open the next
                      round (cohort.json), then drop the old round's files
-  abort a round      write an `aborted` marker, then open the next round
+  abort a round      write an abort marker (beside the round dirs, which
+                     are dropped), then open the next round
 A restart reads this back (`_resume`) and continues the same round with every
 update it had acknowledged; the result is bit-identical to a run without the
 crash because the average depends only on the set of updates.
@@ -104,6 +105,7 @@ class Coordinator:
         self._stopping = False
         self._persisted_round = 0
         self._adopt_next_round = False
+        self._aborted_rounds: list[int] = []  # since start-up, markers not yet dropped
         self._workers: list[threading.Thread] = []
         self._resume()
         self._timer = threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True)
@@ -128,6 +130,8 @@ class Coordinator:
             duplicate = self._machine.check_submit(header.client_id, header.round, header.sha256)
         if duplicate is None:
             codec.check_specs_match(header.specs, self.specs)
+        else:  # the original may still be between its rename and its dir fsync
+            self._spool.sync_round(header.round)
         return duplicate
 
     def receive(self, header: codec.UpdateHeader, chunks: Iterable[bytes],
@@ -235,7 +239,8 @@ class Coordinator:
         # its deadline. Stopping releases them (UNAVAILABLE: they retry), and a
         # restart re-aggregates the round from its acknowledged updates on disk.
         log.critical("%s failed (%s: %s); stopping. A restart on the same state dir "
-                     "aggregates the round again from its spooled updates.", what,
+                     "resumes from what is on disk (a round being aggregated is "
+                     "aggregated again from its spooled updates).", what,
                      type(error).__name__, error, exc_info=error)
         with self._cond:
             self._stopping = True
@@ -253,8 +258,7 @@ class Coordinator:
         fractions = weight_fractions([u.num_examples for u in updates])
         metrics = average_metrics(fractions, [u.header.metrics for u in updates])
         if self._config.evaluator is not None:
-            model = codec.state_dict_from_payload(self.specs, payload)
-            metrics.update({f"eval_{k}": v for k, v in self._config.evaluator(model).items()})
+            metrics.update(self._evaluate(payload))
         header = codec.ModelHeader(
             round=accepted.round, specs=self.specs, sha256=hashlib.sha256(payload).digest(),
             num_updates=len(updates), total_examples=sum(u.num_examples for u in updates),
@@ -275,9 +279,38 @@ class Coordinator:
         # the two published ones were aborted and dropped then; older ones
         # were dropped at start-up (_find_open_round).
         self._spool.drop_round(previous)
+        self._drop_abort_markers_before(previous)
         self._log_round(header, time.perf_counter() - started, opened_at)
 
+    def _drop_abort_markers_before(self, round: int) -> None:
+        # Like update files, a marker is kept while the model published after
+        # it might still be rebuilt from the previous one (recovery walks the
+        # aborted rounds from there); older ones go. Markers from before a
+        # restart were dropped by _find_open_round.
+        with self._cond:
+            old = [r for r in self._aborted_rounds if r < round]
+            self._aborted_rounds = [r for r in self._aborted_rounds if r >= round]
+        for aborted in old:
+            self._spool.aborted_marker(aborted).unlink(missing_ok=True)
+
+    def _evaluate(self, payload: bytes | bytearray) -> dict[str, float]:
+        # A broken evaluator must not stop training (nor, as a fail-stop, make
+        # every restart fail again on the same round): the metrics go without.
+        assert self._config.evaluator is not None
+        try:
+            model = codec.state_dict_from_payload(self.specs, payload)
+            return {f"eval_{k}": v for k, v in self._config.evaluator(model).items()}
+        except Exception:
+            log.exception("evaluating the global model failed; publishing it without eval_*")
+            return {}
+
     def _deadline_loop(self) -> None:
+        try:
+            self._run_deadlines()
+        except Exception as error:  # e.g. writing closed.json or an abort marker
+            self._fail("the deadline timer", error)
+
+    def _run_deadlines(self) -> None:
         with self._cond:
             while not self._stopping:
                 deadline = self._machine.deadline
@@ -297,8 +330,9 @@ class Coordinator:
         # Under the lock. The marker first: a crash after it still reads as aborted.
         log.warning("round %d aborted at its deadline: %d updates, quorum %d",
                     aborted.round, len(aborted.discarded), self._config.quorum)
-        self._state.write_json(self._spool.round_dir(aborted.round) / "aborted",
+        self._state.write_json(self._spool.aborted_marker(aborted.round),
                                {"round": aborted.round})
+        self._aborted_rounds.append(aborted.round)
         self._persist_round_opened()
         self._spool.drop_round(aborted.round)
         self._cond.notify_all()
@@ -336,7 +370,8 @@ class Coordinator:
             log.info("resuming: round %d is complete on disk; aggregating it", open_round)
             with self._cond:
                 self._start_aggregation(closed)
-        self._persist_round_opened()
+        with self._cond:
+            self._persist_round_opened()
         if published or received or self._machine.clients:
             log.info("resumed from %s: global model of round %d, round %d open with %d "
                      "acknowledged updates", self._state.root, published, open_round,
@@ -347,7 +382,7 @@ class Coordinator:
         # Rounds after the published one are aborted (marked) or the open one.
         self._spool.drop_rounds_before(published)
         open_round = published + 1
-        while (self._spool.round_dir(open_round) / "aborted").exists():
+        while self._spool.aborted_marker(open_round).exists():
             self._spool.drop_round(open_round)
             open_round += 1
         directory = self._spool.round_dir(open_round)
@@ -387,5 +422,8 @@ class Coordinator:
         }
         log.info("round %d closed: %s", header.round, json.dumps(record))
         if self._config.round_log is not None:
-            with open(self._config.round_log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self._config.round_log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as error:  # the round is published; only its log line is lost
+                log.error("cannot append to the round log %s: %s", self._config.round_log, error)

@@ -99,9 +99,11 @@ class SpoolWriter:
 
     def sync(self) -> None:
         """Makes the rename durable (if the spool is): call after `commit`,
-        before acknowledging the update."""
+        before acknowledging the update. A directory already gone belonged to
+        a round published and superseded since: nothing left to keep."""
         if self._durable:
-            fsync_dir(self._final.parent)
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(self._final.parent)
 
     def discard(self) -> None:
         if self._committed:
@@ -120,6 +122,10 @@ class Spool:
 
     def round_dir(self, round: int) -> Path:
         return self.root / f"round-{round:08d}"
+
+    def aborted_marker(self, round: int) -> Path:
+        """Marks an aborted round; kept beside, not in, the dropped round dir."""
+        return self.root / f"round-{round:08d}.aborted"
 
     def writer(self, header: codec.UpdateHeader) -> SpoolWriter:
         directory = self.round_dir(header.round)
@@ -140,8 +146,9 @@ class Spool:
         more, per round, on the hot path)."""
         directory = self.round_dir(round)
         try:
-            for entry in os.scandir(directory):
-                os.unlink(entry.path)
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    os.unlink(entry.path)
             os.rmdir(directory)
         except FileNotFoundError:
             return
@@ -149,9 +156,15 @@ class Spool:
             shutil.rmtree(directory, ignore_errors=True)
 
     def drop_rounds_before(self, round: int) -> None:
+        """Round dirs and abort markers of earlier rounds."""
         for path in self.root.glob("round-*"):
-            if path.is_dir() and int(path.name.removeprefix("round-")) < round:
+            number = path.name.removeprefix("round-").removesuffix(".aborted")
+            if not number.isdigit() or int(number) >= round:
+                continue
+            if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def load_round(self, round: int, specs: ModelSpec) -> list[SpooledUpdate]:
         """The committed updates of `round`, each checked against its digest.
@@ -221,9 +234,12 @@ def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
             for block in blocks:
                 fold_block(block)
         else:
-            with concurrent.futures.ThreadPoolExecutor(min(workers, len(blocks))) as pool:
+            pool = concurrent.futures.ThreadPoolExecutor(min(workers, len(blocks)))
+            try:
                 for _ in pool.map(fold_block, blocks):  # re-raises the first error
                     pass
+            finally:  # on an error, the blocks not started yet are not
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         for f in files:
             f.close()

@@ -43,6 +43,8 @@ def test_borrowed_tensors_share_the_payload_where_aligned() -> None:
     assert torch.equal(back["odd"], sd["odd"])
     back["w"].add_(1)  # writable, and writes land in the payload it borrows
     assert payload[:4] == bytes(codec.tensor_view(torch.tensor([1.0])))
+    with pytest.raises(BufferError):  # pinned: it cannot move under the tensors
+        payload.extend(b"more")
 
 
 def test_chunks_have_exact_size_and_cover_payload() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from paramserver import codec, errors
+from paramserver import codec, errors, spool
 from paramserver.coordinator import Coordinator, GlobalModel, ServerConfig
 
 MODEL = {"w": torch.zeros(5)}
@@ -118,6 +118,10 @@ def test_a_retry_racing_its_original_is_a_durable_duplicate(tmp_path: Path) -> N
         coordinator.shutdown(timeout=5)
 
 
+def _disk_error(*args: object, **kwargs: object) -> bytearray:
+    raise OSError(5, "Input/output error")
+
+
 def test_a_failed_aggregation_stops_the_server_and_a_restart_redoes_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     failures: list[BaseException] = []
@@ -125,10 +129,7 @@ def test_a_failed_aggregation_stops_the_server_and_a_restart_redoes_it(
                           on_failure=failures.append)
     first = Coordinator(config, MODEL)
 
-    def disk_error(*args: object, **kwargs: object) -> bytearray:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr("paramserver.coordinator.aggregate", disk_error)
+    monkeypatch.setattr("paramserver.coordinator.aggregate", _disk_error)
     first.register("a")
     first.register("b")
     send(first, "a", 1, 1.0)
@@ -146,6 +147,93 @@ def test_a_failed_aggregation_stops_the_server_and_a_restart_redoes_it(
                            torch.full((5,), 2.0))
     finally:
         second.shutdown(timeout=5)
+
+
+def test_a_deadline_close_survives_a_failed_aggregation_and_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """closed.json: the restarted server aggregates exactly the updates the
+    round closed with, though the silent client could now send."""
+    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True,
+                          round_timeout=0.3, quorum=1, on_failure=lambda error: None)
+    first = Coordinator(config, MODEL)
+    monkeypatch.setattr("paramserver.coordinator.aggregate", _disk_error)
+    first.register("a")
+    first.register("b")
+    send(first, "a", 1, 4.0)
+    with pytest.raises(errors.ShuttingDownError):
+        wait(first, "a", 1)  # closed at the deadline without b; aggregation fails
+    first.shutdown(timeout=5)
+    monkeypatch.undo()
+    # No deadline now: only the record of the close can keep b out.
+    second = Coordinator(dataclasses.replace(config, round_timeout=None), MODEL)
+    try:
+        with pytest.raises(errors.NotInCohortError):  # the round closed without b
+            send(second, "b", 1, 0.0)
+        model = wait(second, "a", 1)
+        assert model.header.num_updates == 1
+    finally:
+        second.shutdown(timeout=5)
+
+
+def test_an_aborted_round_stays_aborted_after_a_restart(tmp_path: Path) -> None:
+    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True,
+                          round_timeout=0.3, quorum=2)
+    first = Coordinator(config, MODEL)
+    first.register("a")
+    first.register("b")
+    send(first, "a", 1, 1.0)
+    with pytest.raises(errors.RoundAbortedError):
+        wait(first, "a", 1)
+    assert first.register("a").first_round == 2
+    send(first, "a", 2, 2.0)  # acknowledged for round 2
+    first._state.close()  # a crash
+    second = Coordinator(dataclasses.replace(config, round_timeout=None), MODEL)
+    try:
+        header, _ = update("a", 2, 2.0)
+        ack = second.check_submit(header)
+        assert ack is not None, "round 1 reopened: the acknowledged round-2 update is lost"
+        assert ack.duplicate
+        send(second, "b", 2, 4.0)
+        assert wait(second, "a", 2).header.num_updates == 2
+    finally:
+        second.shutdown(timeout=5)
+
+
+def test_every_ack_follows_the_fsync_of_its_round_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    real = spool.fsync_dir
+    monkeypatch.setattr(spool, "fsync_dir", lambda path: (synced.append(path), real(path)))
+    coordinator = Coordinator(ServerConfig(min_clients=2, state_dir=tmp_path / "s",
+                                           durable=True), MODEL)
+    round_dir = tmp_path / "s" / "updates" / "round-00000001"
+    try:
+        coordinator.register("a")
+        coordinator.register("b")
+        header, chunks = update("a", 1, 1.0)
+        synced.clear()
+        assert not coordinator.receive(header, chunks).duplicate
+        assert synced == [round_dir], "acknowledged before its rename was durable"
+        synced.clear()
+        duplicate = coordinator.check_submit(header)  # a retry, its original maybe in flight
+        assert duplicate is not None
+        assert synced == [round_dir], "a duplicate acknowledged before the original is durable"
+    finally:
+        coordinator.shutdown(timeout=5)
+
+
+def test_a_failing_evaluator_does_not_stop_the_rounds(make: Make) -> None:
+    def broken(model: object) -> dict[str, float]:
+        raise ValueError("evaluator bug")
+
+    coordinator = make(evaluator=broken)
+    coordinator.register("a")
+    coordinator.register("b")
+    send(coordinator, "a", 1, 1.0)
+    send(coordinator, "b", 1, 3.0)
+    model = wait(coordinator, "a", 1)
+    assert model.header.num_updates == 2
+    assert not any(key.startswith("eval_") for key in model.header.metrics)
 
 
 def test_shutdown_releases_waiters_with_unavailable(make: Make) -> None:
