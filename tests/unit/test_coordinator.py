@@ -203,7 +203,12 @@ def test_every_ack_follows_the_fsync_of_its_round_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[Path] = []
     real = spool.fsync_dir
-    monkeypatch.setattr(spool, "fsync_dir", lambda path: (synced.append(path), real(path)))
+
+    def spy(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(spool, "fsync_dir", spy)
     coordinator = Coordinator(ServerConfig(min_clients=2, state_dir=tmp_path / "s",
                                            durable=True), MODEL)
     round_dir = tmp_path / "s" / "updates" / "round-00000001"
