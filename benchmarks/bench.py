@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,17 @@ class SharedUpdate:
     update(r) = update(r-1) + 0.001. A client asks for round r only after it
     holds the global model of r-1, so every client has sent r-1 by then."""
 
-    def __init__(self, initial: dict[str, torch.Tensor]) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._round = 0
-        self._update = initial
+        self._update: dict[str, torch.Tensor] | None = None
 
-    def for_round(self, round: int) -> dict[str, torch.Tensor]:
+    def for_round(self, round: int, initial: Callable[[], dict[str, torch.Tensor]],
+                  ) -> dict[str, torch.Tensor]:
+        """`initial()` (the global model of round 0) is called by the first caller only."""
         with self._lock:
+            if self._update is None:
+                self._update = initial()
             while self._round < round:
                 self._update = {k: v + 0.001 for k, v in self._update.items()}
                 self._round += 1
@@ -75,23 +79,19 @@ def load_paramserver(server: str, names: list[str], rounds: int,
     global model (time.monotonic, comparable across processes)."""
     done: list[list[float]] = [[] for _ in names]
     errors: list[str] = []
-    shared: list[SharedUpdate] = []
-    shared_lock = threading.Lock()
+    shared = SharedUpdate()
 
     def client(i: int) -> None:
         try:
             with ParameterServerClient(server, timeout=1800) as c:
                 reg = c.register(names[i])
-                if lean:
-                    with shared_lock:
-                        if not shared:
-                            shared.append(SharedUpdate(c.get_model(reg.client_id,
-                                                                   reg.model_round)[1]))
-                else:
+                if not lean:
                     _, model = c.get_model(reg.client_id, reg.model_round)
                 for round in range(reg.first_round, reg.first_round + rounds):
                     if lean:
-                        c.send_update(reg.client_id, round, shared[0].for_round(round), 100)
+                        update = shared.for_round(round, lambda: c.get_model(
+                            reg.client_id, reg.model_round)[1])
+                        c.send_update(reg.client_id, round, update, 100)
                         c.download_model(reg.client_id, round, lambda data: None)
                     else:
                         update = {k: v + 0.001 for k, v in model.items()}
@@ -180,8 +180,9 @@ def run_system(system: str, model: str, clients: int, rounds: int, workdir: Path
 
 
 @contextlib.contextmanager
-def started_server(system: str, model: str, clients: int, workdir: Path,
-                   *extra: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def started_server(system: str, model: str, clients: int, workdir: Path, *extra: str,
+                   capacity: int | None = None,
+                   ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A floor or paramserver server process on 127.0.0.1:0; stopped and reaped on exit."""
     ready = workdir / "ready.json"
     if system == "floor":
@@ -192,7 +193,7 @@ def started_server(system: str, model: str, clients: int, workdir: Path,
             "--log-level", "WARNING", "serve", "--port", "0", "--clients", str(clients),
             "--rounds", "0", "--model", model, "--eval-examples", "0", "--ready-file",
             str(ready), "--state-dir", str(workdir / "state"),
-            "--capacity", str(max(256, clients)),
+            "--capacity", str(capacity or max(256, clients)),
             *(["--no-fsync"] if system == "paramserver-nofsync" else []), *extra)
     with open(workdir / "server.log", "wb") as log:
         server = processes.spawn(serve, log)
@@ -263,8 +264,8 @@ def scenario_scale(clients: int, rounds: int, load_processes: int,
     round_log = workdir / "rounds.jsonl"
     result: dict[str, Any] = {"clients": clients, "rounds": rounds,
                               "load_processes": load_processes}
-    with started_server("paramserver", "mlp", clients, workdir, "--capacity", str(clients),
-                        "--round-log", str(round_log)) as (server, address):
+    with started_server("paramserver", "mlp", clients, workdir, "--round-log", str(round_log),
+                        capacity=clients) as (server, address):
         periods: list[float] = []
         failure: list[BaseException] = []
 

@@ -146,10 +146,9 @@ class ParameterServerClient:
                     num_examples: int, metrics: Mapping[str, float] | None = None) -> Ack:
         """Uploads an update, retrying on UNAVAILABLE (safe: see module doc)."""
         views = codec.payload_views(state_dict)
-        header = self._update_header(client_id, round, state_dict, views, num_examples, metrics)
-        if codec.payload_size(header.specs) <= self._unary_limit:
-            message = pb.UpdateMessage(header=codec.update_header_to_proto(header),
-                                       data=b"".join(views))
+        header = _update_header(client_id, round, state_dict, views, num_examples, metrics)
+        if self._fits_unary(header.specs):
+            message = _update_message(header, views)
             reply = self._call(lambda: self._stub.SendUpdateUnary(message, timeout=self.timeout),
                                RETRYABLE_SHORT_CALLS)
         else:
@@ -176,12 +175,12 @@ class ParameterServerClient:
         """send_update then get_model for `round`: in one call (ExchangeUnary)
         when the model fits the unary limit, else the two streaming calls.
         Retrying is safe (see module doc); waits up to `timeout` at the barrier."""
-        views = codec.payload_views(state_dict)
-        if codec.payload_size(codec.spec_of(state_dict)) > self._unary_limit:
+        if not self._fits_unary(codec.spec_of(state_dict)):
             self.send_update(client_id, round, state_dict, num_examples, metrics)
             return self.get_model(client_id, round, timeout)
-        message = pb.UpdateMessage(header=codec.update_header_to_proto(self._update_header(
-            client_id, round, state_dict, views, num_examples, metrics)), data=b"".join(views))
+        views = codec.payload_views(state_dict)
+        message = _update_message(
+            _update_header(client_id, round, state_dict, views, num_examples, metrics), views)
         return self._call(lambda: _model_from_message(
             self._stub.ExchangeUnary(message, timeout=timeout or self.timeout)))
 
@@ -198,31 +197,25 @@ class ParameterServerClient:
 
         def receive() -> codec.ModelHeader:
             nonlocal delivered
-            stream = iter(self._stub.GetAveragedModel(request, timeout=timeout or self.timeout))
-            header, checker = _start_model_stream(stream)
-            for data in _model_chunks(stream):
-                checker.feed(data)
-                delivered = True
-                sink(data)
-            checker.finish()
-            return header
-
-        def attempt() -> codec.ModelHeader:
             try:
-                return receive()
+                stream = iter(self._stub.GetAveragedModel(request,
+                                                          timeout=timeout or self.timeout))
+                header, checker = _start_model_stream(stream)
+                for data in _model_chunks(stream):
+                    checker.feed(data)
+                    delivered = True
+                    sink(data)
+                checker.finish()
+                return header
             except grpc.RpcError as error:
                 if delivered:  # a retry would feed `sink` the same bytes twice
                     raise error_from_rpc(error) from None
                 raise
 
-        return self._call(attempt)
+        return self._call(receive)
 
-    @staticmethod
-    def _update_header(client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
-                       views: list[memoryview], num_examples: int,
-                       metrics: Mapping[str, float] | None) -> codec.UpdateHeader:
-        return codec.UpdateHeader(client_id, round, num_examples, codec.spec_of(state_dict),
-                                  codec.payload_digest(views), dict(metrics or {}))
+    def _fits_unary(self, specs: codec.ModelSpec) -> bool:
+        return codec.payload_size(specs) <= self._unary_limit
 
     def _call(self, call: Callable[[], T], retryable: frozenset[grpc.StatusCode] = RETRYABLE,
               ) -> T:
@@ -237,6 +230,17 @@ class ParameterServerClient:
                          error.details(), attempt + 1, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _update_header(client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
+                   views: list[memoryview], num_examples: int,
+                   metrics: Mapping[str, float] | None) -> codec.UpdateHeader:
+    return codec.UpdateHeader(client_id, round, num_examples, codec.spec_of(state_dict),
+                              codec.payload_digest(views), dict(metrics or {}))
+
+
+def _update_message(header: codec.UpdateHeader, views: list[memoryview]) -> pb.UpdateMessage:
+    return pb.UpdateMessage(header=codec.update_header_to_proto(header), data=b"".join(views))
 
 
 def _with_crash_point(requests: Iterator[pb.SendUpdateRequest],

@@ -134,6 +134,14 @@ class Coordinator:
             self._spool.sync_round(header.round)
         return duplicate
 
+    def submit(self, header: codec.UpdateHeader, chunks: Iterable[bytes],
+               ) -> Accepted[SpooledUpdate]:
+        """An update from the transport: refused (raises), acknowledged as a
+        duplicate without reading `chunks` (a lazy stream stays unread), or
+        received."""
+        duplicate = self.check_submit(header)
+        return duplicate if duplicate is not None else self.receive(header, chunks)
+
     def receive(self, header: codec.UpdateHeader, chunks: Iterable[bytes],
                 ) -> Accepted[SpooledUpdate]:
         """Streams an update to disk, checking it as it arrives, then counts it.
@@ -158,12 +166,9 @@ class Coordinator:
         finally:
             writer.discard()  # no-op after commit
         # The rename's fsync, outside the lock (under it, every upload of a
-        # round queued behind the others' fsyncs). A duplicate's original may
-        # still be on its way to disk in another call: sync the round for it.
-        if accepted.duplicate:
-            self._spool.sync_round(header.round)
-        else:
-            writer.sync()
+        # round queued behind the others' fsyncs). For a duplicate it is the
+        # original's, which may still be on its way to disk in another call.
+        self._spool.sync_round(header.round)
         faults.maybe_crash("before_ack", header.round)
         faults.crash_at_next_call("after_ack", header.round)
         return accepted

@@ -130,10 +130,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                    context: grpc.ServicerContext) -> pb.SendUpdateResponse:
         with _status_from_errors(context, "SendUpdate"):
             header = _read_header(request_iterator)
-            accepted = self._coordinator.check_submit(header)
-            if accepted is None:  # not an idempotent retry: read the payload
-                accepted = self._coordinator.receive(header, _data_chunks(request_iterator))
-            return _ack(accepted)
+            return _ack(self._coordinator.submit(header, _data_chunks(request_iterator)))
 
     def GetAveragedModel(self, request: pb.GetAveragedModelRequest,
                          context: grpc.ServicerContext) -> Iterator[pb.GetAveragedModelResponse]:
@@ -182,10 +179,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         header = codec.update_header_from_proto(request.header)
         data = request.data  # each access copies the payload out of the message
         _check_unary_size(len(data))
-        accepted = self._coordinator.check_submit(header)
-        if accepted is None:  # not an idempotent retry
-            accepted = self._coordinator.receive(header, [data])
-        return accepted
+        return self._coordinator.submit(header, [data])
 
 
 def _ack(accepted: Accepted[SpooledUpdate]) -> pb.SendUpdateResponse:

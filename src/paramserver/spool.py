@@ -65,8 +65,9 @@ class SpooledUpdate:
 class SpoolWriter:
     """One update being received: `write` while it streams in, `seal` when it is
     complete (flush and, if durable, fsync: slow, so done without the server's
-    lock), then `commit` (an atomic rename: fast, done under the lock) and
-    `sync` (the directory's fsync, again without the lock), or `discard`.
+    lock), then `commit` (an atomic rename: fast, done under the lock; the
+    directory's fsync is `Spool.sync_round`, again without the lock), or
+    `discard`.
     `discard` after `commit` does nothing, so it can sit in `finally`.
     """
 
@@ -92,18 +93,11 @@ class SpoolWriter:
 
     def commit(self) -> SpooledUpdate:
         """The rename: the update is in its round from here on. Not yet durable
-        (see `sync`), so that the caller's lock is not held over an fsync."""
+        (see `Spool.sync_round`), so that the caller's lock is not held over an
+        fsync."""
         os.replace(self._temp, self._final)
         self._committed = True
         return SpooledUpdate(self._final, self._offset, self._header)
-
-    def sync(self) -> None:
-        """Makes the rename durable (if the spool is): call after `commit`,
-        before acknowledging the update. A directory already gone belonged to
-        a round published and superseded since: nothing left to keep."""
-        if self._durable:
-            with contextlib.suppress(FileNotFoundError):
-                fsync_dir(self._final.parent)
 
     def discard(self) -> None:
         if self._committed:
@@ -133,9 +127,10 @@ class Spool:
         return SpoolWriter(directory / f"{header.client_id}.update", header, self.durable)
 
     def sync_round(self, round: int) -> None:
-        """Makes every rename into the round's directory durable, if the spool
-        is and the directory still exists (a round's directory goes once the
-        next model is published, when its updates no longer matter)."""
+        """Makes every rename into the round's directory durable: call after
+        `SpoolWriter.commit`, before acknowledging. Nothing to do if the spool
+        is not durable or the directory is gone (a round's directory goes once
+        the next model is published, when its updates no longer matter)."""
         if self.durable:
             with contextlib.suppress(FileNotFoundError):
                 fsync_dir(self.round_dir(round))

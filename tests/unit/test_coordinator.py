@@ -26,8 +26,15 @@ def update(client: str, round: int, value: float) -> tuple[codec.UpdateHeader, l
 
 def send(coordinator: Coordinator, client: str, round: int, value: float) -> None:
     header, chunks = update(client, round, value)
-    if coordinator.check_submit(header) is None:
-        coordinator.receive(header, chunks)
+    coordinator.submit(header, chunks)
+
+
+def assert_still_counted(coordinator: Coordinator, client: str, round: int, value: float,
+                         why: str) -> None:
+    """The update was acknowledged earlier: sending it again is a duplicate."""
+    ack = coordinator.check_submit(update(client, round, value)[0])
+    assert ack is not None, why
+    assert ack.duplicate
 
 
 def wait(coordinator: Coordinator, client: str, round: int) -> GlobalModel:
@@ -88,10 +95,7 @@ def test_restart_resumes_the_open_round_with_acknowledged_updates(tmp_path: Path
     first._state.close()  # what a crash does to the lock; nothing else is flushed
     second = Coordinator(config, MODEL)
     try:
-        header, _ = update("a", 1, 1.0)
-        ack = second.check_submit(header)
-        assert ack is not None, "the acknowledged update was lost"
-        assert ack.duplicate
+        assert_still_counted(second, "a", 1, 1.0, "the acknowledged update was lost")
         send(second, "b", 1, 3.0)
         assert wait(second, "a", 1).header.num_updates == 2
     finally:
@@ -189,10 +193,8 @@ def test_an_aborted_round_stays_aborted_after_a_restart(tmp_path: Path) -> None:
     first._state.close()  # a crash
     second = Coordinator(dataclasses.replace(config, round_timeout=None), MODEL)
     try:
-        header, _ = update("a", 2, 2.0)
-        ack = second.check_submit(header)
-        assert ack is not None, "round 1 reopened: the acknowledged round-2 update is lost"
-        assert ack.duplicate
+        assert_still_counted(second, "a", 2, 2.0,
+                             "round 1 reopened: the acknowledged round-2 update is lost")
         send(second, "b", 2, 4.0)
         assert wait(second, "a", 2).header.num_updates == 2
     finally:
@@ -280,10 +282,7 @@ def test_corrupt_latest_model_is_rebuilt_and_next_round_updates_kept(tmp_path: P
     second = Coordinator(config, MODEL)
     try:
         assert wait(second, "a", 1).header == published  # rebuilt bit for bit from round 1
-        header, _ = update("a", 2, 5.0)
-        ack = second.check_submit(header)
-        assert ack is not None, "the acknowledged round-2 update was lost"
-        assert ack.duplicate
+        assert_still_counted(second, "a", 2, 5.0, "the acknowledged round-2 update was lost")
         send(second, "b", 2, 7.0)
         assert wait(second, "b", 2).header.num_updates == 2
     finally:
