@@ -1,12 +1,13 @@
 """Side-by-side benchmark: paramserver, the hand-written floor (floor.py) and
-Flower (flower_bench.py, in its own venv), same model, same N, same local work,
+Flower (flower_bench.py, in its own venv: its legacy API, and its deployment
+engine at N = 2 and 8), same model, same N, same local work,
 real processes on loopback, in one run. Prints ratios with medians and spread,
 writes JSON and a PNG chart.
 
 Scenarios: MLP rounds at N = 2, 8, 32, 64; the 100 MB model at N = 4; server
 peak RSS for the 100 MB model at N = 4 and N = 64; 256 clients for 20 rounds
 against a server whose capacity is 256, with a 257th client that must get
-RESOURCE_EXHAUSTED; aggregation against memcpy.
+RESOURCE_EXHAUSTED; the soak (soak.py, 1000 rounds); aggregation against memcpy.
 
     make bench                          # everything (Flower is set up on first use)
     .venv/bin/python benchmarks/bench.py --quick      # MLP at N=2,8 only, no Flower
@@ -42,6 +43,10 @@ from paramserver import errors, processes  # noqa: E402
 from paramserver.client import ParameterServerClient  # noqa: E402
 
 RESULTS = HERE / "results"
+# Flower's current (deployment) engine runs offline here but polls every 3 s
+# and starts a process per message: measured at the small client counts only.
+DEPLOYMENT_CLIENTS = (2, 8)
+DEPLOYMENT_ROUNDS = 4
 
 
 # -- the paramserver load generator (runs as one or more processes) -------------------
@@ -157,8 +162,12 @@ def run_system(system: str, model: str, clients: int, rounds: int, workdir: Path
                lean: bool = False) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     if system.startswith("flower"):
+        engine = "deployment" if system == "flower-deployment" else "legacy"
+        if engine == "deployment":  # a round takes seconds (3 s polling): a few suffice
+            rounds = min(rounds, DEPLOYMENT_ROUNDS)
         out = subprocess.run([sys.executable, str(HERE / "flower_bench.py"), "--clients",
-                              str(clients), "--rounds", str(rounds), "--model", model],
+                              str(clients), "--rounds", str(rounds), "--model", model,
+                              "--engine", engine],
                              capture_output=True, text=True, timeout=1800)
         if out.returncode != 0:
             raise RuntimeError(f"flower failed: {out.stderr[-2000:]}")
@@ -237,7 +246,7 @@ def scenario_rounds(model: str, clients: int, rounds: int, systems: list[str],
         for s, r in row["systems"].items() if s != "paramserver" and "round" in r and base
     }
     for name, ratio in row["ratios"].items():
-        print(f"  ratio {name}: {ratio:.2f}x", flush=True)
+        print(f"  ratio {name}: {ratio:.3g}x", flush=True)
     return row
 
 
@@ -311,6 +320,26 @@ def refuse_one_more(address: str, round_log: Path, loader: threading.Thread,
     except errors.CapacityError as error:
         outcome = f"RESOURCE_EXHAUSTED: {error}"
     return {"outcome": outcome, "seconds": time.monotonic() - started}
+
+
+def soak(rounds: int) -> dict[str, Any]:
+    """The fault-tolerance issue's soak (soak.py): a real server for `rounds`
+    rounds; RSS, thread and descriptor slopes. Its summary, with whether its
+    targets were met."""
+    print(f"soak, {rounds} rounds", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary_file = Path(tmp) / "soak.json"
+        out = subprocess.run([sys.executable, str(HERE / "soak.py"), "--rounds", str(rounds),
+                              "--clients", "4", "--json", str(summary_file)],
+                             capture_output=True, text=True, timeout=3600)
+        if not summary_file.exists():
+            raise RuntimeError(f"soak failed: {out.stderr[-2000:]}")
+        summary: dict[str, Any] = json.loads(summary_file.read_text())
+    print(f"  RSS slope {summary['rss_slope_bytes_per_round'] / 1024:.1f} KiB/round, threads "
+          f"{summary['threads_range_after_warmup']}, descriptors "
+          f"{summary['fds_range_after_warmup']}: targets met {summary['targets_met']}",
+          flush=True)
+    return summary
 
 
 def aggregation_vs_memcpy(model_bytes: int, clients: int) -> dict[str, Any]:
@@ -408,6 +437,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="*", default=[2, 8, 32, 64])
     parser.add_argument("--scale", type=int, default=256, help="clients in the scale run")
     parser.add_argument("--scale-rounds", type=int, default=20)
+    parser.add_argument("--soak-rounds", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     RESULTS.mkdir(exist_ok=True)
@@ -423,7 +453,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for n in clients:
             print(f"MLP, N={n}", flush=True)
-            report["rows"].append(scenario_rounds("mlp", n, args.rounds, systems, Path(tmp)))
+            deployment = ["flower-deployment"] if flower and n in DEPLOYMENT_CLIENTS else []
+            report["rows"].append(scenario_rounds("mlp", n, args.rounds, systems + deployment,
+                                                  Path(tmp)))
         if not args.quick:
             print("100 MB model, N=4", flush=True)
             report["rows"].append(scenario_rounds("big", 4, 3, systems, Path(tmp)))
@@ -431,6 +463,8 @@ def main() -> int:
             print(f"{args.scale} clients, {args.scale_rounds} rounds", flush=True)
             report["scale"] = scenario_scale(args.scale, args.scale_rounds, 4,
                                              Path(tmp) / "scale")
+    if not args.quick:
+        report["soak"] = soak(args.soak_rounds)
     print("aggregation against memcpy", flush=True)
     report["aggregation"] = aggregation_vs_memcpy(100_000_000 if not args.quick else 16_000_000,
                                                   4)
