@@ -22,7 +22,7 @@ import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from paramserver import codec, errors, faults
+from paramserver import codec, errors, faults, wire
 from paramserver.v1 import parameter_server_pb2 as pb
 from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
 
@@ -119,6 +119,7 @@ class ParameterServerClient:
     def __post_init__(self) -> None:
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._payload = _PayloadCalls(self._channel)
         self._unary_limit = 0  # learnt at registration
         self._model_size: int | None = None
 
@@ -148,13 +149,13 @@ class ParameterServerClient:
         views = codec.payload_views(state_dict)
         header = _update_header(client_id, round, state_dict, views, num_examples, metrics)
         if self._fits_unary(header.specs):
-            message = _update_message(header, views)
-            reply = self._call(lambda: self._stub.SendUpdateUnary(message, timeout=self.timeout),
-                               RETRYABLE_SHORT_CALLS)
+            message = wire.encode(codec.update_header_to_proto(header), views)
+            reply = self._call(lambda: self._payload.send_update_unary(
+                message, timeout=self.timeout), RETRYABLE_SHORT_CALLS)
         else:
-            reply = self._call(lambda: self._stub.SendUpdate(
-                _with_crash_point(codec.update_requests(header, views, self.chunk_size), round),
-                timeout=self.timeout), RETRYABLE_SHORT_CALLS)
+            reply = self._call(lambda: self._payload.send_update(_with_crash_point(
+                wire.stream(codec.update_header_to_proto(header), views, self.chunk_size),
+                round), timeout=self.timeout), RETRYABLE_SHORT_CALLS)
         return Ack(reply.round, reply.duplicate, reply.received, reply.expected)
 
     def get_model(self, client_id: str, round: int, timeout: float | None = None,
@@ -164,9 +165,9 @@ class ParameterServerClient:
         request = pb.GetAveragedModelRequest(client_id=client_id, round=round)
         if self._model_size is not None and self._model_size <= self._unary_limit:
             return self._call(lambda: _model_from_message(
-                self._stub.GetAveragedModelUnary(request, timeout=timeout or self.timeout)))
+                self._payload.get_model_unary(request, timeout=timeout or self.timeout)))
         return self._call(lambda: _receive_model(
-            self._stub.GetAveragedModel(request, timeout=timeout or self.timeout)))
+            self._payload.get_model(request, timeout=timeout or self.timeout)))
 
     def exchange(self, client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
                  num_examples: int, metrics: Mapping[str, float] | None = None,
@@ -179,18 +180,19 @@ class ParameterServerClient:
             self.send_update(client_id, round, state_dict, num_examples, metrics)
             return self.get_model(client_id, round, timeout)
         views = codec.payload_views(state_dict)
-        message = _update_message(
-            _update_header(client_id, round, state_dict, views, num_examples, metrics), views)
+        header = _update_header(client_id, round, state_dict, views, num_examples, metrics)
+        message = wire.encode(codec.update_header_to_proto(header), views)
         return self._call(lambda: _model_from_message(
-            self._stub.ExchangeUnary(message, timeout=timeout or self.timeout)))
+            self._payload.exchange(message, timeout=timeout or self.timeout)))
 
-    def download_model(self, client_id: str, round: int, sink: Callable[[bytes], object],
+    def download_model(self, client_id: str, round: int, sink: Callable[[memoryview], object],
                        timeout: float | None = None) -> codec.ModelHeader:
         """Streams the global model after `round` into `sink`, chunk by chunk,
         in O(chunk) memory: for models too large to hold twice, or that go
         straight to a file. Every chunk is checked (length, finite values)
         before `sink` sees it; the SHA-256 only at the end, so on DecodeError or
         MalformedUpdateError the caller must throw away what `sink` received.
+        Each chunk is a read-only view, valid for as long as it is kept.
         Retries only until the first chunk reached `sink`."""
         request = pb.GetAveragedModelRequest(client_id=client_id, round=round)
         delivered = False
@@ -198,8 +200,7 @@ class ParameterServerClient:
         def receive() -> codec.ModelHeader:
             nonlocal delivered
             try:
-                stream = iter(self._stub.GetAveragedModel(request,
-                                                          timeout=timeout or self.timeout))
+                stream = iter(self._payload.get_model(request, timeout=timeout or self.timeout))
                 header, checker = _start_model_stream(stream)
                 for data in _model_chunks(stream):
                     checker.feed(data)
@@ -239,36 +240,56 @@ def _update_header(client_id: str, round: int, state_dict: Mapping[str, torch.Te
                               codec.payload_digest(views), dict(metrics or {}))
 
 
-def _update_message(header: codec.UpdateHeader, views: list[memoryview]) -> pb.UpdateMessage:
-    return pb.UpdateMessage(header=codec.update_header_to_proto(header), data=b"".join(views))
+class _PayloadCalls:
+    """The calls that carry a payload, with `wire` (de)serializers instead of
+    the generated ones: no protobuf copies of the payload."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        model = wire.Decoder(pb.ModelMessage, pb.ModelHeader)
+        chunk = wire.Decoder(pb.GetAveragedModelResponse, pb.ModelHeader)
+        request = pb.GetAveragedModelRequest.SerializeToString
+        ack = pb.SendUpdateResponse.FromString
+        self.send_update = channel.stream_unary(
+            wire.method_path("SendUpdate"), _encoded, ack)
+        self.get_model = channel.unary_stream(
+            wire.method_path("GetAveragedModel"), request, chunk)
+        self.send_update_unary = channel.unary_unary(
+            wire.method_path("SendUpdateUnary"), _encoded, ack)
+        self.get_model_unary = channel.unary_unary(
+            wire.method_path("GetAveragedModelUnary"), request, model)
+        self.exchange = channel.unary_unary(wire.method_path("ExchangeUnary"), _encoded, model)
 
 
-def _with_crash_point(requests: Iterator[pb.SendUpdateRequest],
-                      round: int) -> Iterator[pb.SendUpdateRequest]:
+def _encoded(message: bytes) -> bytes:
+    return message  # already encoded by `wire`
+
+
+def _with_crash_point(requests: Iterator[bytes], round: int) -> Iterator[bytes]:
     # A chaos test's client dies after the header and the first data chunk.
     if not faults.is_armed("client_during_upload", round):
         return requests
     return itertools.chain(itertools.islice(requests, 2), _crash_then(requests, round))
 
 
-def _crash_then(requests: Iterator[pb.SendUpdateRequest],
-                round: int) -> Iterator[pb.SendUpdateRequest]:
+def _crash_then(requests: Iterator[bytes], round: int) -> Iterator[bytes]:
     time.sleep(0.2)  # let the first chunks reach the server
     faults.maybe_crash("client_during_upload", round)
     yield from requests
 
 
-def _model_from_message(message: pb.ModelMessage,
+def _model_from_message(message: wire.Parts[pb.ModelHeader],
                         ) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:
-    header = codec.model_header_from_proto(message.header)
+    header = _model_header(message, "a ModelMessage must carry a ModelHeader")
+    data = message.data if message.data is not None else memoryview(b"")
     checker = codec.PayloadChecker(header.specs, header.sha256)
-    checker.feed(message.data)
+    checker.feed(data)
     checker.finish()
-    return header, codec.state_dict_from_payload(header.specs, message.data)
+    return header, codec.state_dict_from_payload(header.specs, data)
 
 
-def _receive_model(responses: object) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:
-    stream = iter(responses)  # type: ignore[call-overload]
+def _receive_model(responses: Iterator[wire.Parts[pb.ModelHeader]],
+                   ) -> tuple[codec.ModelHeader, dict[str, torch.Tensor]]:
+    stream = iter(responses)
     header, checker = _start_model_stream(stream)
     payload = bytearray()
     for data in _model_chunks(stream):
@@ -278,19 +299,29 @@ def _receive_model(responses: object) -> tuple[codec.ModelHeader, dict[str, torc
     return header, codec.state_dict_from_payload(header.specs, payload, borrow=True)
 
 
-def _start_model_stream(stream: Iterator[pb.GetAveragedModelResponse],
+def _start_model_stream(stream: Iterator[wire.Parts[pb.ModelHeader]],
                         ) -> tuple[codec.ModelHeader, codec.PayloadChecker]:
-    first = next(stream, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise errors.DecodeError("a GetAveragedModel stream must start with a ModelHeader")
-    header = codec.model_header_from_proto(first.header)
+    header = _model_header(next(stream, wire.Parts()),
+                           "a GetAveragedModel stream must start with a ModelHeader")
     return header, codec.PayloadChecker(header.specs, header.sha256)
 
 
-def _model_chunks(stream: Iterator[pb.GetAveragedModelResponse]) -> Iterator[bytes]:
+def _model_header(message: wire.Parts[pb.ModelHeader], missing: str) -> codec.ModelHeader:
+    if message.error is not None:
+        raise errors.DecodeError(message.error)
+    if message.header is None:
+        raise errors.DecodeError(missing)
+    return codec.model_header_from_proto(message.header)
+
+
+def _model_chunks(stream: Iterator[wire.Parts[pb.ModelHeader]]) -> Iterator[memoryview]:
     for response in stream:
-        if response.WhichOneof("part") != "data":
+        if response.error is not None:
+            raise errors.DecodeError(response.error)
+        if response.header is not None:
             raise errors.DecodeError("ModelHeader sent twice in one stream")
+        if response.data is None:
+            raise errors.DecodeError("empty GetAveragedModelResponse where a chunk was expected")
         yield response.data
 
 

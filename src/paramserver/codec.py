@@ -34,10 +34,11 @@ if sys.byteorder != "little":  # the wire is little-endian and we copy raw memor
 # warning that the buffer is read-only says nothing useful.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
-# 256 KiB: large enough that per-message overhead is small, small enough that
-# the copies each chunk makes on its way through gRPC and protobuf (about 4
-# per stream in flight) keep server memory flat in the number of clients.
-DEFAULT_CHUNK_SIZE = 256 << 10
+# 512 KiB: large enough that per-message overhead is small (a 100 MB round at
+# N=4 took 2.3 s with 256 KiB chunks, 1.9 s with 512 KiB), small enough that
+# the chunks in flight keep server memory flat in the number of clients (peak
+# RSS at N=64 over N=4, 100 MB model: 1.19x; 1.29x with 1 MiB chunks).
+DEFAULT_CHUNK_SIZE = 512 << 10
 MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's default 4 MiB message limit
 MAX_TENSOR_BYTES = 1 << 40
 MAX_DIMS = 32
@@ -263,6 +264,11 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> bytes:
 def iter_chunks(views: Iterable[Buffer], chunk_size: int) -> Iterator[bytes]:
     """Cuts the concatenation of `views` into chunks of exactly `chunk_size`
     bytes (the last may be shorter); small tensors share a chunk."""
+    return (b"".join(pieces) for pieces in chunk_pieces(views, chunk_size))
+
+
+def chunk_pieces(views: Iterable[Buffer], chunk_size: int) -> Iterator[list[memoryview]]:
+    """The chunks of `iter_chunks`, each as the views that make it up, uncopied."""
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
     pending: list[memoryview] = []
@@ -275,10 +281,10 @@ def iter_chunks(views: Iterable[Buffer], chunk_size: int) -> Iterator[bytes]:
             filled += take
             mv = mv[take:]
             if filled == chunk_size:
-                yield b"".join(pending)
+                yield pending
                 pending, filled = [], 0
     if filled:
-        yield b"".join(pending)
+        yield pending
 
 
 def tensor_from_bytes(spec: TensorSpec, data: bytes | bytearray | memoryview) -> torch.Tensor:
@@ -318,18 +324,11 @@ def state_dict_from_payload(specs: ModelSpec, payload: bytes | bytearray | memor
 
 def update_requests(header: UpdateHeader, views: Sequence[Buffer],
                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.SendUpdateRequest]:
-    """The SendUpdate stream: header, then data chunks."""
+    """The SendUpdate stream as protobuf messages: header, then data chunks.
+    What a client written from the .proto sends; ours sends `wire.stream`."""
     yield pb.SendUpdateRequest(header=update_header_to_proto(header))
     for chunk in iter_chunks(views, chunk_size):
         yield pb.SendUpdateRequest(data=chunk)
-
-
-def model_responses(header: ModelHeader, views: Sequence[Buffer],
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.GetAveragedModelResponse]:
-    """The GetAveragedModel stream: header, then data chunks."""
-    yield pb.GetAveragedModelResponse(header=model_header_to_proto(header))
-    for chunk in iter_chunks(views, chunk_size):
-        yield pb.GetAveragedModelResponse(data=chunk)
 
 
 M = TypeVar("M", bound=Message)
@@ -368,7 +367,7 @@ class PayloadChecker:
     def received(self) -> int:
         return self._received
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         """Raises MalformedUpdateError for too many bytes or a non-finite value."""
         if self._received + len(data) > self._total:
             raise MalformedUpdateError(

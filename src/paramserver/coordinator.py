@@ -134,7 +134,7 @@ class Coordinator:
             self._spool.sync_round(header.round)
         return duplicate
 
-    def submit(self, header: codec.UpdateHeader, chunks: Iterable[bytes],
+    def submit(self, header: codec.UpdateHeader, chunks: Iterable[codec.Buffer],
                ) -> Accepted[SpooledUpdate]:
         """An update from the transport: refused (raises), acknowledged as a
         duplicate without reading `chunks` (a lazy stream stays unread), or
@@ -142,7 +142,7 @@ class Coordinator:
         duplicate = self.check_submit(header)
         return duplicate if duplicate is not None else self.receive(header, chunks)
 
-    def receive(self, header: codec.UpdateHeader, chunks: Iterable[bytes],
+    def receive(self, header: codec.UpdateHeader, chunks: Iterable[codec.Buffer],
                 ) -> Accepted[SpooledUpdate]:
         """Streams an update to disk, checking it as it arrives, then counts it.
         Raises MalformedUpdateError/DecodeError or what `check_submit` raises;

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import torch
@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from paramserver import codec
+from paramserver import codec, wire
 from paramserver.coordinator import Coordinator, GlobalModel, ServerConfig
 from paramserver.errors import (
     AveragingError,
@@ -46,7 +46,7 @@ from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
 
 log = logging.getLogger("paramserver.server")
 
-SERVICE_NAME = "paramserver.v1.ParameterServer"
+SERVICE_NAME = wire.SERVICE.full_name
 ERROR_DOMAIN = "paramserver"
 
 # The one table from our errors to status codes. Looked up along the MRO, so a
@@ -110,10 +110,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._coordinator = coordinator
         self._chunk_size = chunk_size
         self._config = config
-        # The last ModelMessage built, for the model it was built from: every
-        # client of a round asks for the same one (a copy of the payload and
-        # a header conversion each, otherwise).
-        self._last_message: tuple[GlobalModel, pb.ModelMessage] | None = None
+        # The last ModelMessage encoded, for the model it was encoded from:
+        # every client of a round asks for the same one (a copy of the payload
+        # and a header conversion each, otherwise).
+        self._last_message: tuple[GlobalModel, bytes] | None = None
 
     def RegisterClient(self, request: pb.RegisterClientRequest,
                        context: grpc.ServicerContext) -> pb.RegisterClientResponse:
@@ -126,60 +126,56 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 min_clients=self._config.min_clients,
                 tensors=codec.specs_to_proto(self._coordinator.specs))
 
-    def SendUpdate(self, request_iterator: Iterator[pb.SendUpdateRequest],
+    def SendUpdate(self, request_iterator: Iterator[wire.Parts[pb.UpdateHeader]],
                    context: grpc.ServicerContext) -> pb.SendUpdateResponse:
         with _status_from_errors(context, "SendUpdate"):
             header = _read_header(request_iterator)
             return _ack(self._coordinator.submit(header, _data_chunks(request_iterator)))
 
     def GetAveragedModel(self, request: pb.GetAveragedModelRequest,
-                         context: grpc.ServicerContext) -> Iterator[pb.GetAveragedModelResponse]:
+                         context: grpc.ServicerContext) -> Iterator[bytes]:
         with _status_from_errors(context, "GetAveragedModel"):
             model = self._coordinator.wait_for_model(request.client_id, request.round,
                                                      context.time_remaining)
         if model is None:
             _deadline_exceeded(context, request.round)
-        yield from codec.model_responses(model.header, [model.payload], self._chunk_size)
+        yield from wire.stream(codec.model_header_to_proto(model.header), [model.payload],
+                               self._chunk_size)
 
 
-    def SendUpdateUnary(self, request: pb.UpdateMessage,
+    def SendUpdateUnary(self, request: wire.Parts[pb.UpdateHeader],
                         context: grpc.ServicerContext) -> pb.SendUpdateResponse:
         with _status_from_errors(context, "SendUpdateUnary"):
-            return _ack(self._receive_unary(request))
+            header, data = _unary_update(request)
+            return _ack(self._coordinator.submit(header, [data]))
 
     def GetAveragedModelUnary(self, request: pb.GetAveragedModelRequest,
-                              context: grpc.ServicerContext) -> pb.ModelMessage:
+                              context: grpc.ServicerContext) -> bytes:
         with _status_from_errors(context, "GetAveragedModelUnary"):
             _check_unary_size(codec.payload_size(self._coordinator.specs))
             model = self._coordinator.wait_for_model(request.client_id, request.round,
                                                      context.time_remaining)
         return self._model_message(model, request.round, context)
 
-    def ExchangeUnary(self, request: pb.UpdateMessage,
-                      context: grpc.ServicerContext) -> pb.ModelMessage:
+    def ExchangeUnary(self, request: wire.Parts[pb.UpdateHeader],
+                      context: grpc.ServicerContext) -> bytes:
         with _status_from_errors(context, "ExchangeUnary"):
-            accepted = self._receive_unary(request)
-            model = self._coordinator.wait_for_model(request.header.client_id, accepted.round,
+            header, data = _unary_update(request)
+            accepted = self._coordinator.submit(header, [data])
+            model = self._coordinator.wait_for_model(header.client_id, accepted.round,
                                                      context.time_remaining)
         return self._model_message(model, accepted.round, context)
 
     def _model_message(self, model: GlobalModel | None, round: int,
-                       context: grpc.ServicerContext) -> pb.ModelMessage:
+                       context: grpc.ServicerContext) -> bytes:
         if model is None:
             _deadline_exceeded(context, round)
         cached = self._last_message  # one read: other threads may replace it
         if cached is not None and cached[0] is model:
-            return cached[1]  # serialized per call, never changed after this
-        message = pb.ModelMessage(header=codec.model_header_to_proto(model.header),
-                                  data=bytes(model.payload))
+            return cached[1]
+        message = wire.encode(codec.model_header_to_proto(model.header), [model.payload])
         self._last_message = (model, message)
         return message
-
-    def _receive_unary(self, request: pb.UpdateMessage) -> Accepted[SpooledUpdate]:
-        header = codec.update_header_from_proto(request.header)
-        data = request.data  # each access copies the payload out of the message
-        _check_unary_size(len(data))
-        return self._coordinator.submit(header, [data])
 
 
 def _ack(accepted: Accepted[SpooledUpdate]) -> pb.SendUpdateResponse:
@@ -198,21 +194,60 @@ def _check_unary_size(size: int) -> None:
         raise PayloadTooLargeError(size, codec.MAX_CHUNK_SIZE)
 
 
-def _read_header(requests: Iterator[pb.SendUpdateRequest]) -> codec.UpdateHeader:
+def _unary_update(request: wire.Parts[pb.UpdateHeader]) -> tuple[codec.UpdateHeader, memoryview]:
+    if request.error is not None:
+        raise DecodeError(request.error)
+    header = codec.update_header_from_proto(request.header or pb.UpdateHeader())
+    data = request.data if request.data is not None else memoryview(b"")
+    _check_unary_size(len(data))
+    return header, data
+
+
+def _read_header(requests: Iterator[wire.Parts[pb.UpdateHeader]]) -> codec.UpdateHeader:
     first = next(requests, None)
-    if first is None or first.WhichOneof("part") != "header":
+    if first is not None and first.error is not None:
+        raise DecodeError(first.error)
+    if first is None or first.header is None:
         raise DecodeError("a SendUpdate stream must start with an UpdateHeader")
     return codec.update_header_from_proto(first.header)
 
 
-def _data_chunks(requests: Iterator[pb.SendUpdateRequest]) -> Iterator[bytes]:
+def _data_chunks(requests: Iterator[wire.Parts[pb.UpdateHeader]]) -> Iterator[memoryview]:
     for request in requests:
-        part = request.WhichOneof("part")
-        if part == "header":
+        if request.error is not None:
+            raise DecodeError(request.error)
+        if request.header is not None:
             raise DecodeError("UpdateHeader sent twice in one SendUpdate stream")
-        if part != "data":
+        if request.data is None:
             raise DecodeError("empty SendUpdateRequest where a data chunk was expected")
         yield request.data
+
+
+def _method_handlers(servicer: ParameterServerServicer,
+                     ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The service's handlers: the generated ones but for the payload-carrying
+    messages, which go through `wire` (no protobuf copies of the payload)."""
+    update = wire.Decoder(pb.UpdateMessage, pb.UpdateHeader)
+    chunk = wire.Decoder(pb.SendUpdateRequest, pb.UpdateHeader)
+    return {
+        "RegisterClient": grpc.unary_unary_rpc_method_handler(
+            servicer.RegisterClient, pb.RegisterClientRequest.FromString,
+            pb.RegisterClientResponse.SerializeToString),
+        "SendUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.SendUpdate, chunk, pb.SendUpdateResponse.SerializeToString),
+        "GetAveragedModel": grpc.unary_stream_rpc_method_handler(
+            servicer.GetAveragedModel, pb.GetAveragedModelRequest.FromString, _encoded),
+        "SendUpdateUnary": grpc.unary_unary_rpc_method_handler(
+            servicer.SendUpdateUnary, update, pb.SendUpdateResponse.SerializeToString),
+        "GetAveragedModelUnary": grpc.unary_unary_rpc_method_handler(
+            servicer.GetAveragedModelUnary, pb.GetAveragedModelRequest.FromString, _encoded),
+        "ExchangeUnary": grpc.unary_unary_rpc_method_handler(
+            servicer.ExchangeUnary, update, _encoded),
+    }
+
+
+def _encoded(message: bytes) -> bytes:
+    return message  # already encoded by `wire`
 
 
 # Keepalive: notice a silently dead peer within about half a minute, and let
@@ -268,7 +303,9 @@ def create_server(config: ServerConfig, initial_model: Mapping[str, torch.Tensor
                                                      thread_name_prefix="rpc")
     server = grpc.server(executor, maximum_concurrent_rpcs=workers * 2, options=SERVER_OPTIONS)
     servicer = ParameterServerServicer(coordinator, config.chunk_size, config)
-    pb_grpc.add_ParameterServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    handlers = _method_handlers(servicer)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)

@@ -82,7 +82,7 @@ class SpoolWriter:
         self._offset = len(UPDATE_MAGIC) + 4 + len(encoded)
         self._file.write(UPDATE_MAGIC + struct.pack("<I", len(encoded)) + encoded)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: codec.Buffer) -> None:
         self._file.write(data)
 
     def seal(self) -> None:

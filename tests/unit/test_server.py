@@ -1,5 +1,6 @@
 """The transport in-process: real gRPC on 127.0.0.1:0, status codes, waiting."""
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -9,13 +10,15 @@ import grpc
 import pytest
 import torch
 
-from paramserver import codec, errors
+from paramserver import codec, errors, wire
 from paramserver.averaging import average_state_dicts
 from paramserver.client import ParameterServerClient, RemoteError, RetryPolicy
 from paramserver.coordinator import ServerConfig
 from paramserver.server import (
     STATUS_BY_ERROR,
+    ParameterServerServicer,
     RunningServer,
+    _method_handlers,
     create_server,
     status_code_for,
 )
@@ -89,7 +92,7 @@ def test_download_streams_the_model_into_a_sink(server: RunningServer) -> None:
         c.register("b")
         c.send_update("a", 1, update(1.0), 10)
         c.send_update("b", 1, update(3.0), 30)
-        chunks: list[bytes] = []
+        chunks: list[memoryview] = []
         header = c.download_model("a", 1, chunks.append)
         _, model = c.get_model("a", 1)
     assert len(chunks) > 1, "chunk_size=16 splits the payload"
@@ -196,3 +199,67 @@ def test_unary_calls_refuse_models_over_the_limit(tmp_path: Path) -> None:
             assert torch.equal(model["w"], big["w"])
     finally:
         running.stop(grace=0)
+
+
+def test_the_handlers_serve_every_method_of_the_proto_as_declared(
+        server: RunningServer) -> None:
+    handlers = _method_handlers(server_servicer_stand_in())
+    declared = wire.SERVICE.methods
+    assert sorted(handlers) == sorted(m.name for m in declared)
+    for method in declared:
+        handler = handlers[method.name]
+        assert (handler.request_streaming, handler.response_streaming) == (
+            method.client_streaming, method.server_streaming), method.name
+
+
+def server_servicer_stand_in() -> ParameterServerServicer:
+    return ParameterServerServicer.__new__(ParameterServerServicer)
+
+
+@pytest.mark.parametrize("method", ["SendUpdateUnary", "ExchangeUnary", "SendUpdate"])
+def test_unparseable_bytes_get_invalid_argument_naming_the_message(
+        server: RunningServer, method: str) -> None:
+    garbage = b"\x0a\x05ab"  # a header field cut short
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        path = wire.method_path(method)
+        stream: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(path)
+        unary: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+        def call() -> object:
+            if method == "SendUpdate":
+                return stream(iter([garbage]), timeout=10)
+            return unary(garbage, timeout=10)
+
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    expected = "SendUpdateRequest" if method == "SendUpdate" else "UpdateMessage"
+    assert f"cannot parse {expected}" in (caught.value.details() or "")
+
+
+def test_a_client_built_from_the_proto_alone_runs_a_round(server: RunningServer) -> None:
+    """The generated stub, with protobuf's own (de)serializers, against the
+    server's wire decoders: streamed and unary, both directions."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ParameterServerStub(channel)  # type: ignore[no-untyped-call]
+        ids = [stub.RegisterClient(pb.RegisterClientRequest(client_name=n), timeout=10).client_id
+               for n in ("a", "b")]
+        for client_id, value in zip(ids, (1.0, 3.0), strict=True):
+            state = update(value)
+            header = codec.UpdateHeader(client_id, 1, 10, codec.spec_of(state),
+                                        codec.state_dict_digest(state))
+            views = codec.payload_views(state)
+            if value == 1.0:
+                stub.SendUpdate(codec.update_requests(header, views, 16), timeout=10)
+            else:
+                stub.SendUpdateUnary(pb.UpdateMessage(
+                    header=codec.update_header_to_proto(header),
+                    data=b"".join(views)), timeout=10)
+        request = pb.GetAveragedModelRequest(client_id=ids[0], round=1)
+        unary = stub.GetAveragedModelUnary(request, timeout=10)
+        streamed = list(stub.GetAveragedModel(request, timeout=10))
+    expected = codec.payload_views(average_state_dicts({"a": (10, update(1.0)),
+                                                        "b": (10, update(3.0))}))
+    assert unary.data == b"".join(expected)
+    assert streamed[0].header == unary.header
+    assert b"".join(r.data for r in streamed[1:]) == unary.data
+    assert codec.model_header_from_proto(unary.header).sha256 == hashlib.sha256(unary.data).digest()
