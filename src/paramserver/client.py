@@ -250,18 +250,14 @@ class _PayloadCalls:
         request = pb.GetAveragedModelRequest.SerializeToString
         ack = pb.SendUpdateResponse.FromString
         self.send_update = channel.stream_unary(
-            wire.method_path("SendUpdate"), _encoded, ack)
+            wire.method_path("SendUpdate"), wire.encoded, ack)
         self.get_model = channel.unary_stream(
             wire.method_path("GetAveragedModel"), request, chunk)
         self.send_update_unary = channel.unary_unary(
-            wire.method_path("SendUpdateUnary"), _encoded, ack)
+            wire.method_path("SendUpdateUnary"), wire.encoded, ack)
         self.get_model_unary = channel.unary_unary(
             wire.method_path("GetAveragedModelUnary"), request, model)
-        self.exchange = channel.unary_unary(wire.method_path("ExchangeUnary"), _encoded, model)
-
-
-def _encoded(message: bytes) -> bytes:
-    return message  # already encoded by `wire`
+        self.exchange = channel.unary_unary(wire.method_path("ExchangeUnary"), wire.encoded, model)
 
 
 def _with_crash_point(requests: Iterator[bytes], round: int) -> Iterator[bytes]:

@@ -236,18 +236,14 @@ def _method_handlers(servicer: ParameterServerServicer,
         "SendUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.SendUpdate, chunk, pb.SendUpdateResponse.SerializeToString),
         "GetAveragedModel": grpc.unary_stream_rpc_method_handler(
-            servicer.GetAveragedModel, pb.GetAveragedModelRequest.FromString, _encoded),
+            servicer.GetAveragedModel, pb.GetAveragedModelRequest.FromString, wire.encoded),
         "SendUpdateUnary": grpc.unary_unary_rpc_method_handler(
             servicer.SendUpdateUnary, update, pb.SendUpdateResponse.SerializeToString),
         "GetAveragedModelUnary": grpc.unary_unary_rpc_method_handler(
-            servicer.GetAveragedModelUnary, pb.GetAveragedModelRequest.FromString, _encoded),
+            servicer.GetAveragedModelUnary, pb.GetAveragedModelRequest.FromString, wire.encoded),
         "ExchangeUnary": grpc.unary_unary_rpc_method_handler(
-            servicer.ExchangeUnary, update, _encoded),
+            servicer.ExchangeUnary, update, wire.encoded),
     }
-
-
-def _encoded(message: bytes) -> bytes:
-    return message  # already encoded by `wire`
 
 
 # Keepalive: notice a silently dead peer within about half a minute, and let

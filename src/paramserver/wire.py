@@ -24,7 +24,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from google.protobuf.message import DecodeError as _ProtobufDecodeError
 from google.protobuf.message import Message
 
 from paramserver.codec import Buffer, chunk_pieces
@@ -68,6 +67,11 @@ def encode(header: Message | None, data: Sequence[Buffer] | None) -> bytes:
     return b"".join(pieces)
 
 
+def encoded(message: bytes) -> bytes:
+    """The serializer for messages `encode` already encoded."""
+    return message
+
+
 class Decoder(Generic[H]):
     """Parses `message_cls` (one of the four layouts above) into Parts whose
     header is a `header_cls`. Never raises: gRPC calls it as a deserializer."""
@@ -90,7 +94,7 @@ class Decoder(Generic[H]):
         if header_span is not None:
             try:
                 header = self._header_cls.FromString(raw[header_span[0]:header_span[1]])
-            except (_ProtobufDecodeError, RuntimeWarning, ValueError) as error:
+            except Exception as error:  # any parse failure: the peer sent bad bytes
                 return self._unparseable(error)
         if data_span is not None:
             data: memoryview | None = memoryview(raw)[data_span[0]:data_span[1]]
@@ -101,7 +105,7 @@ class Decoder(Generic[H]):
     def _parse_with_protobuf(self, raw: bytes) -> Parts[H]:
         try:
             message: Any = self._message_cls.FromString(raw)  # one of the four layouts
-        except (_ProtobufDecodeError, RuntimeWarning, ValueError) as error:
+        except Exception as error:  # any parse failure: the peer sent bad bytes
             return self._unparseable(error)
         header = message.header if message.HasField("header") else None
         has_data = not self._oneof or message.WhichOneof("part") == "data"

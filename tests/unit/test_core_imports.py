@@ -13,7 +13,7 @@ from paramserver import rounds
 @pytest.mark.parametrize(
     "module",
     ["paramserver.rounds", "paramserver.averaging", "paramserver.codec",
-     "paramserver.spool", "paramserver.training"],
+     "paramserver.spool", "paramserver.training", "paramserver.wire"],
 )
 def test_core_module_does_not_load_grpc(module: str) -> None:
     # A fresh interpreter: this test process has grpc loaded already.
