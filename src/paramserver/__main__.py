@@ -1,7 +1,5 @@
 """`python -m paramserver` is the `paramserver` command."""
 
-import sys
+from paramserver.cli import entry
 
-from paramserver.cli import main
-
-sys.exit(main())
+entry()

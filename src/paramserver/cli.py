@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import torch
 
@@ -109,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # many processes share few cores; also keeps runs reproducible
     commands = {"serve": run_serve, "client": run_client, "demo": run_demo, "bench": run_bench}
     return commands[args.command](args)
+
+
+def entry() -> NoReturn:
+    """The `paramserver` command: `main`, then an exit that skips the
+    interpreter's finalization. By then `serve` has stopped the server and made
+    its state durable; tearing down gRPC's native threads during finalization
+    can abort the process instead ("terminate called without an active
+    exception", exit -6: seen twice in the SIGTERM chaos test)."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # -- serve ---------------------------------------------------------------------
