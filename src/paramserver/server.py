@@ -197,7 +197,9 @@ def _check_unary_size(size: int) -> None:
 def _unary_update(request: wire.Parts[pb.UpdateHeader]) -> tuple[codec.UpdateHeader, memoryview]:
     if request.error is not None:
         raise DecodeError(request.error)
-    header = codec.update_header_from_proto(request.header or pb.UpdateHeader())
+    # An absent header reads as the empty one, as protobuf's own parse has it.
+    header = codec.update_header_from_proto(
+        request.header if request.header is not None else pb.UpdateHeader())
     data = request.data if request.data is not None else memoryview(b"")
     _check_unary_size(len(data))
     return header, data
