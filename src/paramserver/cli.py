@@ -1,10 +1,14 @@
-"""The `paramserver` command: `serve`, `client NAME` and `demo`.
+"""The `paramserver` command: `serve`, `client NAME`, `demo` and `bench`.
 
 By hand, in separate terminals:
-    paramserver serve --port 50051 --clients 2
+    paramserver serve --port 50051 --clients 2 --rounds 5 --fresh
     paramserver client client1 --server 127.0.0.1:50051
     paramserver client client2 --server 127.0.0.1:50051
 or all at once, as real processes: `paramserver demo`.
+
+Exit codes: 0 done; 1 a failure (a line says which); 2 a usage mistake (bad
+value, port in use, unusable state dir); 3 a client that found its run already
+finished; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,100 +21,240 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
 import torch
 
-from paramserver import codec, errors, faults, processes, training
+from paramserver import __version__, codec, errors, faults, processes, training
 
 log = logging.getLogger("paramserver")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EXIT_FAILURE, EXIT_USAGE, EXIT_RUN_FINISHED, EXIT_INTERRUPTED = 1, 2, 3, 130
+DEFAULT_PORT = 50051
+DEMO_WORKDIR = Path("paramserver-demo")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (not the usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in --help; descriptions as written."""
+
+
+# -- value types: checked at parse time, each with a message naming the limit ----
+
+
+def _number(convert: Callable[[str], float], low: float, what: str,
+            ) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    return _number(int, low, "an integer")  # type: ignore[return-value]
+
+
+def _seconds(low: float = 0.0) -> Callable[[str], float]:
+    return _number(float, low, "a number of seconds")
+
+
+def _port(text: str) -> int:
+    port = _int_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
+    return port
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text.upper()
+
+
+# -- the parser ----------------------------------------------------------------
+
+
+def _common_parent() -> _Parser:
+    # Accepted before and after the subcommand; after wins.
+    parent = _Parser(add_help=False)
+    parent.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
+                        help=f"one of {', '.join(LOG_LEVELS)} (default: INFO)")
+    return parent
+
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="mlp", choices=sorted(training.MODELS))
+    parser.add_argument("--model", default="mlp", choices=sorted(training.MODELS),
+                        help="built-in model (the data takes its input width)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model, data and training")
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lr", type=float, default=0.1, help="learning rate")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    parser.add_argument("--examples", type=int, default=2000, help="training examples")
-    parser.add_argument("--chunk-size", type=int, default=codec.DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--round-wait", type=float, default=600.0,
-                        help="seconds to wait at the barrier for a round to close")
+    parser.add_argument("--lr", type=_seconds(0.0), default=0.1, help="learning rate")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=32, help="batch size")
+    parser.add_argument("--epochs", type=_int_at_least(1), default=1, help="local epochs per round")
+    parser.add_argument("--examples", type=_int_at_least(1), default=2000,
+                        help="training examples")
+    parser.add_argument("--chunk-size", type=_int_at_least(1), default=codec.DEFAULT_CHUNK_SIZE,
+                        help=f"bytes per streamed chunk, at most {codec.MAX_CHUNK_SIZE}")
+    parser.add_argument("--round-wait", type=_seconds(0.001), default=600.0,
+                        help="seconds to wait at the barrier for a round to close before "
+                             "re-syncing")
+    parser.add_argument("--connect-timeout", type=_seconds(0.0), default=60.0,
+                        help="seconds to keep retrying a server that does not answer, "
+                             "then give up")
     parser.add_argument("--streaming", action="store_true",
                         help="always use the streaming RPCs, even for small models")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paramserver", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+ROUND_TIMEOUT_HELP = (
+    "seconds a round waits for the rest of its cohort once its first update has arrived "
+    "(an update sent before the round opened counts); then it closes with the updates it "
+    "has if there are at least --min-clients, else it is aborted, and clients that sent "
+    "nothing drop out until they register again. Counted from the first update, not from "
+    "the opening, so a slow first round (cold start, large download) does not count "
+    "against it: size it for the spread between the fastest and the slowest client. "
+    "0 = wait for every client")
 
-    serve = sub.add_parser("serve", help="run the parameter server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = _common_parent()
+    parser = _Parser(prog="paramserver", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--log-level", type=_log_level, default="INFO",
+                        help=f"one of {', '.join(LOG_LEVELS)}")
+    parser.add_argument("--version", action="version", version=f"paramserver {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the parameter server", parents=[parent],
+                           formatter_class=_Formatter)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
     serve.add_argument("--unix-socket", type=Path,
                        help="listen on this unix socket instead of host:port "
                             "(clients use --server unix:PATH)")
-    serve.add_argument("--clients", type=int, default=2,
-                       help="clients to wait for before round 1 (a round waits for all)")
-    serve.add_argument("--rounds", type=int, default=0, help="rounds to run; 0 = no limit")
-    serve.add_argument("--capacity", type=int, default=256, help="most clients accepted")
-    serve.add_argument("--chunk-size", type=int, default=codec.DEFAULT_CHUNK_SIZE)
+    serve.add_argument("--clients", type=_int_at_least(1), default=2,
+                       help="registered clients round 1 waits for")
+    serve.add_argument("--min-clients", type=_int_at_least(1), default=1,
+                       help="quorum: updates a round needs to close at its deadline (and "
+                            "active clients a later round needs to open); at most --clients")
+    serve.add_argument("--rounds", type=_int_at_least(0), default=0,
+                       help="rounds to run, then serve the final model to the last clients "
+                            "and exit 0; 0 = no limit")
+    serve.add_argument("--round-timeout", type=_seconds(0.0), default=0.0,
+                       help=ROUND_TIMEOUT_HELP)
+    serve.add_argument("--linger", type=_seconds(0.0), default=30.0,
+                       help="after the last round, seconds to keep serving the final model "
+                            "to clients that have not fetched it yet")
+    serve.add_argument("--capacity", type=_int_at_least(1), default=256,
+                       help="most clients accepted; at least --clients")
+    serve.add_argument("--chunk-size", type=_int_at_least(1), default=codec.DEFAULT_CHUNK_SIZE,
+                       help=f"bytes per streamed chunk, at most {codec.MAX_CHUNK_SIZE}")
     serve.add_argument("--state-dir", type=Path, default=Path("paramserver-state"),
                        help="durable state: acknowledged updates, global models, clients; "
-                            "a restarted server resumes from it (default: %(default)s)")
+                            "a restarted server resumes from it")
     serve.add_argument("--fresh", action="store_true",
                        help="discard what --state-dir holds and start a new run")
     serve.add_argument("--no-fsync", action="store_true",
                        help="skip fsync (faster; a machine crash may lose acknowledged updates)")
-    serve.add_argument("--round-timeout", type=float, default=0.0,
-                       help="seconds a round stays open; 0 = wait for every client")
-    serve.add_argument("--min-clients", type=int, default=1,
-                       help="updates a round needs to close at its deadline (quorum)")
     serve.add_argument("--ready-file", type=Path, help="write {port, pid} here once serving")
     serve.add_argument("--round-log", type=Path, help="append one JSON line per round here")
-    serve.add_argument("--eval-examples", type=int, default=2000,
+    serve.add_argument("--eval-examples", type=_int_at_least(0), default=2000,
                        help="test examples to evaluate each global model on; 0 = none")
     _add_training_args(serve)
 
-    client = sub.add_parser("client", help="run one client")
-    client.add_argument("name", help="client name, e.g. client1")
-    client.add_argument("--server", default="127.0.0.1:50051", help="host:port")
-    client.add_argument("--rounds", type=int, default=0,
+    client = sub.add_parser("client", help="run one client", parents=[parent],
+                            formatter_class=_Formatter)
+    client.add_argument("name", help="client name, e.g. client1 (1-64 of A-Z a-z 0-9 . _ -)")
+    client.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}",
+                        help="host:port, or unix:PATH")
+    client.add_argument("--rounds", type=_int_at_least(0), default=0,
                         help="stop after this round; 0 = the server's number of rounds")
     client.add_argument("--summary-file", type=Path, help="write per-round digests as JSON")
     _add_training_args(client)
     _add_client_args(client)
 
-    bench = sub.add_parser("bench", help="the side-by-side benchmark (source checkout only)")
+    bench = sub.add_parser("bench", help="the side-by-side benchmark (source checkout only)",
+                           parents=[parent], formatter_class=_Formatter)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER,
                        help="passed to benchmarks/bench.py (e.g. --quick)")
 
-    demo = sub.add_parser("demo", help="run a server and N clients as real processes")
-    demo.add_argument("--clients", type=int, default=3)
-    demo.add_argument("--rounds", type=int, default=5)
-    demo.add_argument("--workdir", type=Path, help="keep logs here (default: temp)")
+    demo = sub.add_parser("demo", help="run a server and N clients as real processes",
+                          parents=[parent], formatter_class=_Formatter)
+    demo.add_argument("--clients", type=_int_at_least(1), default=3, help="client processes")
+    demo.add_argument("--rounds", type=_int_at_least(1), default=5, help="rounds")
+    demo.add_argument("--workdir", type=Path, default=DEMO_WORKDIR,
+                      help="logs, state and round log (emptied first; kept afterwards)")
     _add_training_args(demo)
     _add_client_args(demo)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses and validates, in one place: every mistake is one line and exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _validate(args)
+    except UsageError as error:
+        prog = f"paramserver {args.command}"
+        parser.exit(EXIT_USAGE, f"{prog}: error: {error} (see '{prog} --help')\n")
+    return args
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.command == "serve":
+        if args.min_clients > args.clients:
+            raise UsageError(f"--min-clients ({args.min_clients}) is more than --clients "
+                             f"({args.clients})")
+        if args.capacity < args.clients:
+            raise UsageError(f"--capacity ({args.capacity}) is less than --clients "
+                             f"({args.clients})")
+    if getattr(args, "chunk_size", 0) > codec.MAX_CHUNK_SIZE:
+        raise UsageError(f"--chunk-size is at most {codec.MAX_CHUNK_SIZE}, "
+                         f"got {args.chunk_size}")
+
+
+# -- entry points ----------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stdout,
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stdout,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)  # many processes share few cores; also keeps runs reproducible
     commands = {"serve": run_serve, "client": run_client, "demo": run_demo, "bench": run_bench}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print(f"paramserver {args.command}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except UsageError as error:
+        print(f"paramserver {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except errors.ParamServerError as error:
+        print(f"paramserver {args.command}: {error}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
 
 
 def entry() -> NoReturn:
@@ -131,25 +275,32 @@ def entry() -> NoReturn:
 
 def run_serve(args: argparse.Namespace) -> int:
     from paramserver.coordinator import ServerConfig
-    from paramserver.server import create_server
+    from paramserver.server import BindError, create_server
+    from paramserver.state import StateDirError
 
     model = training.build_model(args.model, args.seed)
     evaluator = (training.make_evaluator(args.model, args.seed, args.eval_examples)
                  if args.eval_examples > 0 else None)
-    if args.fresh and args.state_dir.exists():
+    if args.fresh and args.state_dir.is_dir():
         shutil.rmtree(args.state_dir)
     stopping = threading.Event()
     failures: list[BaseException] = []
+    finished = threading.Event()
 
     def on_failure(error: BaseException) -> None:
         failures.append(error)
         stopping.set()
 
+    def on_finished() -> None:
+        finished.set()
+        stopping.set()
+
     config = ServerConfig(
-        min_clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,
-        round_timeout=args.round_timeout or None, quorum=args.min_clients,
+        clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,
+        round_timeout=args.round_timeout or None, min_clients=args.min_clients,
         chunk_size=args.chunk_size, state_dir=args.state_dir, durable=not args.no_fsync,
-        round_log=args.round_log, evaluator=evaluator, on_failure=on_failure)
+        round_log=args.round_log, evaluator=evaluator, linger=args.linger,
+        on_failure=on_failure, on_finished=on_finished)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
@@ -158,13 +309,15 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     address = f"unix:{args.unix_socket}" if args.unix_socket else f"{args.host}:{args.port}"
-    running = create_server(config, model.state_dict(), address)
+    try:
+        running = create_server(config, model.state_dict(), address)
+    except (BindError, StateDirError, errors.DecodeError) as error:
+        raise UsageError(str(error)) from None
     del model  # the server keeps the payload; the module would double a large model
     if running.coordinator.finished:
-        running.stop(grace=0)
-        log.error("state dir %s holds a run that has finished all its rounds; start a new "
-                  "run with --fresh or another --state-dir", args.state_dir)
-        return 2
+        log.warning("state dir %s holds a run that has finished all its rounds: serving its "
+                    "final model to late clients, then exiting (start a new run with --fresh "
+                    "or another --state-dir)", args.state_dir)
     log.info("serving on %s (port %d), waiting for %d clients, %s rounds, state in %s",
              address, running.port, args.clients, args.rounds or "unlimited", args.state_dir)
     if args.ready_file:
@@ -173,14 +326,22 @@ def run_serve(args: argparse.Namespace) -> int:
     running.stop(grace=5.0)
     if failures:
         log.error("stopped after a failure; restart on the same --state-dir to resume")
-        return 1
+        return EXIT_FAILURE
     log.info("stopped; state flushed to %s", args.state_dir)
+    if finished.is_set():
+        print(_finished_summary(running.coordinator.model.header, args.state_dir), flush=True)
     return 0
+
+
+def _finished_summary(header: codec.ModelHeader, state_dir: Path) -> str:
+    return (f"run finished: final global model of round {header.round}, sha256 "
+            f"{header.sha256.hex()}, in {state_dir / 'global.model'}")
 
 
 # -- client --------------------------------------------------------------------
 
 
+# Re-syncs in a row without an acknowledged update before the client gives up.
 MAX_RESYNCS = 20
 
 
@@ -190,13 +351,17 @@ def run_client(args: argparse.Namespace) -> int:
     config = training.TrainConfig(args.model, args.seed, args.examples, args.lr,
                                   args.batch_size, args.epochs)
     model = training.build_model(args.model, args.seed)
-    data = training.make_dataset(args.seed, args.name, args.examples)
+    data = training.make_dataset(args.seed, args.name, args.examples, args.model)
     digests: dict[int, str] = {}
-    # Retries span a server restart: about a minute of backoff in all.
-    retry = RetryPolicy(attempts=40, initial_backoff=0.1, max_backoff=2.0)
+    retry = RetryPolicy(attempts=1_000_000, initial_backoff=0.1, max_backoff=2.0,
+                        give_up_after=args.connect_timeout)
     with ParameterServerClient(args.server, chunk_size=args.chunk_size, retry=retry,
                                streaming=args.streaming) as client:
-        reg = client.register(args.name)
+        reg = client.register(args.name, codec.spec_of(model.state_dict()))
+        if reg.run_finished:
+            print(f"{args.name}: the run at {args.server} has already finished all its "
+                  f"{reg.total_rounds} rounds; nothing to do", flush=True)
+            return EXIT_RUN_FINISHED
         last = args.rounds or reg.total_rounds or 5
         model_round, round = reg.model_round, reg.first_round
         resyncs = 0
@@ -214,17 +379,18 @@ def run_client(args: argparse.Namespace) -> int:
                 ack = client.send_update(reg.client_id, round, model.state_dict(),
                                          len(data[0]), {"loss": loss})
                 sent.add(round)
+                resyncs = 0
                 faults.maybe_crash("client_after_upload", round)
                 print(f"{args.name} round {round}: train loss {loss:.4f}, "
-                      f"{ack.received}/{ack.expected} in", flush=True)
+                      f"{ack.received}/{ack.expected or '?'} in", flush=True)
                 model_round, round = round, round + 1
-            except (errors.RoundError, errors.RoundAbortedError,
-                    errors.UnknownClientError) as error:
+            except (errors.RoundError, errors.RoundAbortedError, errors.UnknownClientError,
+                    errors.WaitTimeoutError) as error:
                 resyncs += 1
                 if resyncs > MAX_RESYNCS:
                     raise
                 print(f"{args.name}: {error}; re-syncing", flush=True)
-                reg = client.register(args.name)
+                reg = client.register(args.name, codec.spec_of(model.state_dict()))
                 model_round, round = reg.model_round, reg.first_round
     print(f"{args.name} done: global model sha256 {digests.get(last, 'none')}", flush=True)
     if args.summary_file:
@@ -237,8 +403,7 @@ def run_bench(args: argparse.Namespace) -> int:
     # the package: they live beside it in a source checkout.
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
     if not script.exists():
-        log.error("paramserver bench runs from a source checkout (no %s)", script)
-        return 2
+        raise UsageError(f"paramserver bench runs from a source checkout (no {script})")
     return subprocess.call([sys.executable, str(script), *args.bench_args])
 
 
@@ -246,14 +411,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return _demo_in(args, args.workdir)
-    with tempfile.TemporaryDirectory(prefix="paramserver-demo-") as temp:
-        return _demo_in(args, Path(temp))
-
-
-def _demo_in(args: argparse.Namespace, workdir: Path) -> int:
+    workdir: Path = args.workdir
+    if workdir.exists():  # a fresh run every time: the same seed gives the same digest
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
     ready, round_log = workdir / "server.ready", workdir / "rounds.jsonl"
     common = ["--model", args.model, "--seed", str(args.seed)]
     started = time.monotonic()
@@ -279,13 +440,16 @@ def _demo_in(args: argparse.Namespace, workdir: Path) -> int:
 
 def _spawn_demo_client(args: argparse.Namespace, workdir: Path, name: str, port: int,
                        common: list[str]) -> subprocess.Popen[bytes]:
+    streaming = ["--streaming"] if args.streaming else []
     log_file = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
     try:
         return processes.spawn(processes.paramserver_command(
             "client", name, "--server", f"127.0.0.1:{port}", "--summary-file",
             str(workdir / f"{name}.json"), "--lr", str(args.lr), "--batch-size",
             str(args.batch_size), "--epochs", str(args.epochs), "--examples",
-            str(args.examples), "--chunk-size", str(args.chunk_size), *common), log_file)
+            str(args.examples), "--chunk-size", str(args.chunk_size), "--round-wait",
+            str(args.round_wait), "--connect-timeout", str(args.connect_timeout),
+            *streaming, *common), log_file)
     finally:
         log_file.close()
 
@@ -300,7 +464,7 @@ def _report(args: argparse.Namespace, workdir: Path, round_log: Path, codes: lis
         m = r["metrics"]
         print(f"{r['round']:>5} {r['num_updates']:>7} {m.get('loss', float('nan')):>10.4f} "
               f"{m.get('eval_loss', float('nan')):>9.4f} {m.get('eval_accuracy', 0):>8.3f} "
-              f"{1000 * (r['round_seconds'] or 0):>8.1f}  {r['sha256'][:16]}")
+              f"{1000 * (r['round_seconds'] or 0):>8.1f}  {r['sha256']}")
     summaries = [json.loads((workdir / f"client{i}.json").read_text())
                  for i in range(1, args.clients + 1) if (workdir / f"client{i}.json").exists()]
     finals = {s["rounds"].get(str(args.rounds)) for s in summaries}
@@ -309,5 +473,6 @@ def _report(args: argparse.Namespace, workdir: Path, round_log: Path, codes: lis
     final = rounds[-1]["sha256"] if rounds else "none"
     print(f"final model sha256: {final}")
     print(f"{'OK' if ok else 'FAILED'}: {len(rounds)} rounds, {args.clients} clients, "
-          f"all clients agree on the final model: {len(finals) == 1}, {elapsed:.1f}s")
+          f"all clients agree on the final model: {len(finals) == 1}, {elapsed:.1f}s; "
+          f"logs in {workdir}")
     return 0 if ok else 1

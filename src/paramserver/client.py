@@ -49,12 +49,13 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 RETRYABLE_SHORT_CALLS = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
 
 # The inverse of server.STATUS_BY_ERROR, for errors whose details are missing.
+# Not RESOURCE_EXHAUSTED: without our details it is gRPC's own limit (a message
+# or its metadata too large), not the server's capacity.
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.ParamServerError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.MalformedUpdateError,
     grpc.StatusCode.NOT_FOUND: errors.UnknownClientError,
     grpc.StatusCode.FAILED_PRECONDITION: errors.RoundError,
     grpc.StatusCode.ALREADY_EXISTS: errors.ConflictingUpdateError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.CapacityError,
     grpc.StatusCode.ABORTED: errors.RoundAbortedError,
 }
 _ERRORS_BY_NAME = {
@@ -74,10 +75,18 @@ class RemoteError(errors.ParamServerError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """Retries of a call the server could not answer (see RETRYABLE): at most
+    `attempts` in all and for at most `give_up_after` seconds of not reaching
+    it. While the server answers that its state dir is full (StorageError) it
+    is alive and asks to wait: that time does not count."""
+
     attempts: int = 8
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     multiplier: float = 2.0
+    give_up_after: float = float("inf")
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
+    now: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, initial * multiplier**attempt)]."""
@@ -87,13 +96,19 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Registration:
-    """`model_round`: the global model to train on before sending for `first_round`."""
+    """`model_round`: the global model to train on before sending for `first_round`.
+    A `first_round` past `total_rounds` means the run has finished: `model_round`
+    is its final model."""
 
     client_id: str
     first_round: int
     model_round: int
     total_rounds: int
     specs: codec.ModelSpec
+
+    @property
+    def run_finished(self) -> bool:
+        return bool(self.total_rounds) and self.first_round > self.total_rounds
 
 
 @dataclass(frozen=True)
@@ -132,11 +147,14 @@ class ParameterServerClient:
     def close(self) -> None:
         self._channel.close()
 
-    def register(self, name: str) -> Registration:
-        """Raises InvalidClientNameError (as MalformedUpdateError), CapacityError."""
-        reply = self._call(lambda: self._stub.RegisterClient(
-            pb.RegisterClientRequest(client_name=name), timeout=self.timeout),
-            RETRYABLE_SHORT_CALLS)
+    def register(self, name: str, specs: codec.ModelSpec | None = None) -> Registration:
+        """Registers `name`; with `specs` (the client's model: send them), the
+        server refuses a model that is not its own before the client joins a
+        cohort. Raises InvalidClientNameError, ModelMismatchError, CapacityError."""
+        request = pb.RegisterClientRequest(client_name=name,
+                                           tensors=codec.specs_to_proto(specs or ()))
+        reply = self._call(lambda: self._stub.RegisterClient(request, timeout=self.timeout),
+                           RETRYABLE_SHORT_CALLS)
         specs = codec.specs_from_proto(reply.tensors)
         self._unary_limit = 0 if self.streaming else reply.max_unary_payload
         self._model_size = codec.payload_size(specs)
@@ -164,9 +182,9 @@ class ParameterServerClient:
         to close. Raises DecodeError/MalformedUpdateError if the stream is bad."""
         request = pb.GetAveragedModelRequest(client_id=client_id, round=round)
         if self._model_size is not None and self._model_size <= self._unary_limit:
-            return self._call(lambda: _model_from_message(
+            return self._wait(round, lambda: _model_from_message(
                 self._payload.get_model_unary(request, timeout=timeout or self.timeout)))
-        return self._call(lambda: _receive_model(
+        return self._wait(round, lambda: _receive_model(
             self._payload.get_model(request, timeout=timeout or self.timeout)))
 
     def exchange(self, client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
@@ -182,7 +200,7 @@ class ParameterServerClient:
         views = codec.payload_views(state_dict)
         header = _update_header(client_id, round, state_dict, views, num_examples, metrics)
         message = wire.encode(codec.update_header_to_proto(header), views)
-        return self._call(lambda: _model_from_message(
+        return self._wait(round, lambda: _model_from_message(
             self._payload.exchange(message, timeout=timeout or self.timeout)))
 
     def download_model(self, client_id: str, round: int, sink: Callable[[memoryview], object],
@@ -218,19 +236,40 @@ class ParameterServerClient:
     def _fits_unary(self, specs: codec.ModelSpec) -> bool:
         return codec.payload_size(specs) <= self._unary_limit
 
+    def _wait(self, round: int, call: Callable[[], T]) -> T:
+        """A call that waits at the barrier: its deadline is the caller's limit
+        on waiting (WaitTimeoutError), not a sign of a hung server."""
+        try:
+            return self._call(call)
+        except RemoteError as error:
+            if error.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise errors.WaitTimeoutError(round) from None
+            raise
+
     def _call(self, call: Callable[[], T], retryable: frozenset[grpc.StatusCode] = RETRYABLE,
               ) -> T:
-        for attempt in range(self.retry.attempts):
+        policy = self.retry
+        since = policy.now()  # when the server last answered, or the first attempt
+        for attempt in range(1, policy.attempts + 1):
             try:
                 return call()
             except grpc.RpcError as error:
-                if error.code() not in retryable or attempt + 1 == self.retry.attempts:
-                    raise error_from_rpc(error) from None
-                delay = self.retry.backoff(attempt)
-                log.info("%s (%s); retry %d in %.2fs", error.code().name,
-                         error.details(), attempt + 1, delay)
-                time.sleep(delay)
+                failure = error_from_rpc(error)
+                if isinstance(failure, errors.StorageError):
+                    since = policy.now()  # alive, and asking us to wait
+                waited = policy.now() - since
+                if (error.code() not in retryable or attempt == policy.attempts
+                        or waited >= policy.give_up_after):
+                    raise failure from None
+                delay = min(policy.backoff(attempt - 1), policy.give_up_after - waited)
+                log.warning("%s; retry %d in %.1f s", _one_line(failure), attempt, delay)
+                policy.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _one_line(error: errors.ParamServerError) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _update_header(client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],

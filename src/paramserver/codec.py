@@ -24,7 +24,7 @@ import torch
 from google.protobuf.message import DecodeError as _ProtobufDecodeError
 from google.protobuf.message import Message
 
-from paramserver.errors import DecodeError, MalformedUpdateError
+from paramserver.errors import DecodeError, MalformedUpdateError, listing, quote
 from paramserver.v1 import parameter_server_pb2 as pb
 
 if sys.byteorder != "little":  # the wire is little-endian and we copy raw memory
@@ -139,7 +139,7 @@ def tensor_spec_from_proto(msg: pb.TensorSpec) -> TensorSpec:
     # computes strides from them: bound the product of the non-zero dims too.
     extent = math.prod(d for d in spec.shape if d) * spec.dtype.itemsize
     if extent > MAX_TENSOR_BYTES:
-        raise DecodeError(f"shape {list(spec.shape)} is too large", tensor=msg.name)
+        raise DecodeError(f"shape {_shape(spec.shape)} is too large", tensor=msg.name)
     return spec
 
 
@@ -159,7 +159,8 @@ def specs_from_proto(msgs: Iterable[pb.TensorSpec]) -> ModelSpec:
 
 
 def check_specs_match(got: ModelSpec, expected: ModelSpec) -> None:
-    """Raises MalformedUpdateError naming the first tensor that differs."""
+    """Raises MalformedUpdateError naming the first tensor that differs (the
+    message lists a few names and counts the rest, whatever the sizes)."""
     got_names = [s.name for s in got]
     expected_names = [s.name for s in expected]
     if got_names != expected_names:
@@ -167,14 +168,35 @@ def check_specs_match(got: ModelSpec, expected: ModelSpec) -> None:
         extra = sorted(set(got_names) - set(expected_names))
         if missing or extra:
             raise MalformedUpdateError(
-                f"tensor names differ: missing {missing}, unexpected {extra}")
-        raise MalformedUpdateError(f"tensors out of order: expected {expected_names}")
+                f"tensor names differ: missing {listing(missing)}, unexpected {listing(extra)}")
+        at = next(i for i, (g, e) in enumerate(zip(got_names, expected_names, strict=True))
+                  if g != e)
+        raise MalformedUpdateError(f"tensors out of order: position {at} holds "
+                                   f"{quote(got_names[at])}, expected {quote(expected_names[at])}")
     for g, e in zip(got, expected, strict=True):
         if g.dtype != e.dtype:
             raise MalformedUpdateError(f"dtype {g.dtype}, expected {e.dtype}", tensor=g.name)
         if g.shape != e.shape:
-            raise MalformedUpdateError(f"shape {list(g.shape)}, expected {list(e.shape)}",
+            raise MalformedUpdateError(f"shape {_shape(g.shape)}, expected {_shape(e.shape)}",
                                        tensor=g.name)
+
+
+def check_spec_count(msgs: Sequence[pb.TensorSpec], expected: ModelSpec) -> None:
+    """Raises MalformedUpdateError if there are not as many specs as `expected`
+    has tensors: checked before a peer's specs are decoded, so that 100,000 of
+    them cost next to nothing. A few too many or too few are named."""
+    if len(msgs) == len(expected):
+        return
+    detail = ""
+    if len(msgs) <= 2 * len(expected) + 16:  # cheap enough to say which
+        got, want = {m.name for m in msgs}, {s.name for s in expected}
+        missing, extra = listing(sorted(want - got)), listing(sorted(got - want))
+        detail = f": missing {missing}, unexpected {extra}"
+    raise MalformedUpdateError(f"{len(msgs)} tensor specs, the model has {len(expected)}{detail}")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return str(list(shape)) if len(shape) <= 8 else f"[{len(shape)} dimensions]"
 
 
 # -- headers -----------------------------------------------------------------
@@ -187,8 +209,12 @@ def update_header_to_proto(header: UpdateHeader) -> pb.UpdateHeader:
     )
 
 
-def update_header_from_proto(msg: pb.UpdateHeader) -> UpdateHeader:
-    """Raises DecodeError for an invalid header."""
+def update_header_from_proto(msg: pb.UpdateHeader,
+                             expected: ModelSpec | None = None) -> UpdateHeader:
+    """Raises DecodeError for an invalid header; with `expected`, first
+    MalformedUpdateError if the number of specs differs from the model's."""
+    if expected is not None:
+        check_spec_count(msg.tensors, expected)
     if not 1 <= msg.num_examples <= MAX_NUM_EXAMPLES:
         raise DecodeError(f"num_examples must be in 1..{MAX_NUM_EXAMPLES}, got {msg.num_examples}")
     return UpdateHeader(
@@ -224,7 +250,7 @@ def _digest_from_proto(digest: bytes) -> bytes:
 def _metrics_from_proto(metrics: Mapping[str, float]) -> dict[str, float]:
     for key, value in metrics.items():
         if not math.isfinite(value):
-            raise DecodeError(f"metric {key!r} is not finite: {value}")
+            raise DecodeError(f"metric {quote(key)} is not finite: {value}")
     return dict(metrics)
 
 
@@ -387,7 +413,7 @@ class PayloadChecker:
         if self._received != self._total:
             raise MalformedUpdateError(
                 f"truncated payload: {self._received} of {self._total} bytes"
-                + (f", stopped inside tensor {self._specs[self._index].name!r}"
+                + (f", stopped inside tensor {quote(self._specs[self._index].name)}"
                    if self._index < len(self._specs) else ""))
         if self._hash.digest() != self._expected:
             raise MalformedUpdateError("payload sha256 does not match the header")

@@ -1,6 +1,7 @@
 """The server's engine: the one lock around the round machine, the waiting,
-the deadline timer, aggregation, and durability. No grpc: server.py adapts it
-to RPCs, so everything here can be driven directly by tests.
+the timer (round deadlines, the end of a run), aggregation, and durability.
+No grpc: server.py adapts it to RPCs, so everything here can be driven directly
+by tests, with a fake clock (clock.py) for the timer.
 
 Locking: `_cond` guards the round machine and the published global model. It
 is never held while a payload crosses the network or the disk (receiving and
@@ -9,18 +10,25 @@ decides, an update file is renamed into place, and small state files change.
 Waiters at the barrier sleep on the condition (no polling) and are woken when a
 model is published, a round is aborted, or the server shuts down.
 
-Durability (ordering is the point):
+Durability (ordering is the point; the resume files are journal.py's):
   ack an update      after its file is fsynced, renamed into its round dir
-                     (under the lock) and the dir fsynced (outside it)
-  close a round      if some of the cohort is missing (deadline), write
-                     closed.json (who is in it) before aggregating
+                     (under the lock, only if the call is still alive) and the
+                     dir fsynced (outside it)
+  deadline           write closed.json (who the round closes with) or the abort
+                     marker, then let the machine close or abort the round
   publish            write the model (keeping the previous), then open the next
                      round (cohort.json), then drop the old round's files
-  abort a round      write an abort marker (beside the round dirs, which
-                     are dropped), then open the next round
 A restart reads this back (`_resume`) and continues the same round with every
 update it had acknowledged; the result is bit-identical to a run without the
 crash because the average depends only on the set of updates.
+
+Storage: a state dir that cannot be written (full, read-only) never loses an
+acknowledged update and never stops the server: the call that needed the write
+gets StorageError (UNAVAILABLE: retry), `on_storage(False)` tells the transport
+(health NOT_SERVING), and the write of a global model or a deadline record is
+retried until it succeeds; the first write that succeeds again says
+`on_storage(True)`. Errors reading the updates back while aggregating are a
+bug or a broken disk: the server stops (fail-stop) and a restart redoes it.
 """
 
 from __future__ import annotations
@@ -39,7 +47,17 @@ import torch
 
 from paramserver import codec, faults
 from paramserver.averaging import average_metrics, validate_state_dict, weight_fractions
-from paramserver.errors import CapacityError, DecodeError, ShuttingDownError
+from paramserver.clock import Clock, SystemClock
+from paramserver.errors import (
+    CallEndedError,
+    CapacityError,
+    DecodeError,
+    MalformedUpdateError,
+    ModelMismatchError,
+    ShuttingDownError,
+    StorageError,
+)
+from paramserver.journal import Journal
 from paramserver.rounds import (
     Aborted,
     Accepted,
@@ -49,12 +67,16 @@ from paramserver.rounds import (
     RoundMachine,
     Update,
 )
-from paramserver.spool import Spool, SpooledUpdate, aggregate
+from paramserver.spool import Spool, SpooledUpdate, SpoolWriter, aggregate
 from paramserver.state import StateDir
 
 log = logging.getLogger("paramserver.server")
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], Mapping[str, float]]
+
+# Backoff between attempts to write what a full disk refused (seconds of the clock).
+STORAGE_RETRY_INITIAL, STORAGE_RETRY_MAX = 0.2, 5.0
+
 
 @dataclass(frozen=True)
 class GlobalModel:
@@ -66,36 +88,44 @@ class GlobalModel:
 
 @dataclass
 class ServerConfig:
-    min_clients: int = 2  # registrations before round 1
+    """`clients` and `min_clients` are `serve --clients` and `--min-clients`."""
+
+    clients: int = 2  # registrations round 1 waits for
     total_rounds: int = 0
     capacity: int = 256
-    round_timeout: float | None = None
-    quorum: int = 1  # updates a round needs to close at its deadline
+    round_timeout: float | None = None  # from a round's first update; see rounds.py
+    min_clients: int = 1  # updates a round needs to close at its deadline (quorum)
     chunk_size: int = codec.DEFAULT_CHUNK_SIZE
     state_dir: Path | None = None
     durable: bool = True  # fsync every acknowledged update and published model
     round_log: Path | None = None  # JSON lines, one per published round
     evaluator: Evaluator | None = field(default=None, repr=False)
+    # After the last round, the final model is served until every active client
+    # has fetched it, or for at most this many seconds; then `on_finished`.
+    linger: float = 30.0
+    on_finished: Callable[[], None] | None = field(default=None, repr=False)
     # Called (from the failing thread) when the server cannot go on: e.g. an
-    # aggregation hit an I/O error. The coordinator has already stopped.
+    # aggregation could not read its updates. The coordinator has already stopped.
     on_failure: Callable[[BaseException], None] | None = field(default=None, repr=False)
+    # Called with False when the state dir stops taking writes, True when it
+    # takes them again.
+    on_storage: Callable[[bool], None] | None = field(default=None, repr=False)
 
 
 class Coordinator:
     """Runs the rounds of one server. See the module docstring."""
 
     def __init__(self, config: ServerConfig, initial_model: Mapping[str, torch.Tensor],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Clock | None = None) -> None:
         if config.state_dir is None:
             raise ValueError("a state directory is needed")
         self._config = config
-        self._clock = clock
+        self._clock: Clock = clock or SystemClock()
         self._cond = threading.Condition()
-        self._state = StateDir(config.state_dir, durable=config.durable)
-        self._spool = Spool(config.state_dir / "updates", durable=config.durable)
         self._machine: RoundMachine[SpooledUpdate] = RoundMachine(
-            min_clients=config.min_clients, total_rounds=config.total_rounds,
-            capacity=config.capacity, round_timeout=config.round_timeout, quorum=config.quorum)
+            clients=config.clients, total_rounds=config.total_rounds,
+            capacity=config.capacity, round_timeout=config.round_timeout,
+            min_clients=config.min_clients)
         self.specs = codec.spec_of(initial_model)
         validate_state_dict(initial_model, self.specs)
         payload = b"".join(codec.payload_views(initial_model))
@@ -105,20 +135,40 @@ class Coordinator:
         self._stopping = False
         self._persisted_round = 0
         self._adopt_next_round = False
-        self._aborted_rounds: list[int] = []  # since start-up, markers not yet dropped
         self._workers: list[threading.Thread] = []
-        self._resume()
-        self._timer = threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True)
+        self._storage_ok = True
+        self._storage_lock = threading.Lock()
+        self._finished_at: float | None = None
+        self._finish_reported = False
+        self._fetched_final: set[str] = set()
+        self._state = StateDir(config.state_dir, durable=config.durable)
+        try:
+            self._spool = Spool(config.state_dir / "updates", durable=config.durable)
+            self._journal = Journal(self._state, self._spool)
+            self._resume()
+        except BaseException:
+            self._state.close()
+            raise
+        self._timer = threading.Thread(target=self._timer_loop, name="timer", daemon=True)
         self._timer.start()
 
     # -- called by the transport ------------------------------------------------
 
-    def register(self, name: str) -> Registration:
+    def register(self, name: str, specs: codec.ModelSpec | None = None) -> Registration:
+        """Registers (or re-registers) a client. With `specs` (the client's
+        model), raises ModelMismatchError, before anything changes, unless they
+        are the server's. Also raises what RoundMachine.register raises, and
+        StorageError if the client registry cannot be written."""
         self._check_running()
+        if specs is not None:
+            self._check_model(specs)
         with self._cond:
-            reg = self._machine.register(name, self._clock())
+            machine = self._machine
+            if machine.check_register(name):  # new: on disk before it counts
+                registry = {**machine.registered, name: machine.open_round}
+                self._write("the client registry", self._state.save_clients, registry)
+            reg = machine.register(name, self._clock.now())
             if reg.is_new:
-                self._state.save_clients(self._machine.clients)
                 log.info("client %s registered, first round %d", name, reg.first_round)
             self._persist_round_opened()
             return reg
@@ -131,47 +181,68 @@ class Coordinator:
         if duplicate is None:
             codec.check_specs_match(header.specs, self.specs)
         else:  # the original may still be between its rename and its dir fsync
-            self._spool.sync_round(header.round)
+            self._sync_round(header.round)
         return duplicate
 
     def submit(self, header: codec.UpdateHeader, chunks: Iterable[codec.Buffer],
-               ) -> Accepted[SpooledUpdate]:
+               alive: Callable[[], bool] | None = None) -> Accepted[SpooledUpdate]:
         """An update from the transport: refused (raises), acknowledged as a
         duplicate without reading `chunks` (a lazy stream stays unread), or
         received."""
         duplicate = self.check_submit(header)
-        return duplicate if duplicate is not None else self.receive(header, chunks)
+        return duplicate if duplicate is not None else self.receive(header, chunks, alive)
 
     def receive(self, header: codec.UpdateHeader, chunks: Iterable[codec.Buffer],
-                ) -> Accepted[SpooledUpdate]:
-        """Streams an update to disk, checking it as it arrives, then counts it.
-        Raises MalformedUpdateError/DecodeError or what `check_submit` raises;
-        then nothing is counted and nothing is left on disk."""
+                alive: Callable[[], bool] | None = None) -> Accepted[SpooledUpdate]:
+        """Streams an update to disk, checking it as it arrives, then counts it
+        if `alive()` (the call has not ended) still holds at the commit.
+        Raises MalformedUpdateError/DecodeError, CallEndedError, StorageError or
+        what `check_submit` raises; then nothing is counted and nothing is left
+        on disk."""
         checker = codec.PayloadChecker(header.specs, header.sha256)
-        writer = self._spool.writer(header)
+        try:
+            writer = self._spool.writer(header)
+        except OSError as error:
+            raise self._storage_error(f"an update for round {header.round}", error) from error
         try:
             for chunk in chunks:
                 checker.feed(chunk)
                 writer.write(chunk)
             checker.finish()
             writer.seal()  # the fsync, outside the lock
-            with self._cond:  # re-decide: the round may have moved on meanwhile
-                accepted = self._machine.check_submit(header.client_id, header.round,
-                                                      header.sha256)
-                if accepted is None:
-                    accepted = self._machine.submit(header.client_id, header.round,
-                                                    header.sha256, writer.commit())
-                    if accepted.closed is not None:
-                        self._start_aggregation(accepted)
+            accepted = self._commit(header, writer, alive)
+            # The rename's fsync, outside the lock (under it, every upload of a
+            # round queued behind the others' fsyncs). For a duplicate it is
+            # the original's, which may still be on its way to disk in another call.
+            self._spool.sync_round(header.round)
+        except OSError as error:
+            raise self._storage_error(f"an update for round {header.round}", error) from error
         finally:
             writer.discard()  # no-op after commit
-        # The rename's fsync, outside the lock (under it, every upload of a
-        # round queued behind the others' fsyncs). For a duplicate it is the
-        # original's, which may still be on its way to disk in another call.
-        self._spool.sync_round(header.round)
+        self._storage_recovered()
         faults.maybe_crash("before_ack", header.round)
         faults.crash_at_next_call("after_ack", header.round)
         return accepted
+
+    def _commit(self, header: codec.UpdateHeader, writer: SpoolWriter,
+                alive: Callable[[], bool] | None) -> Accepted[SpooledUpdate]:
+        with self._cond:  # re-decide: the round may have moved on meanwhile
+            machine = self._machine
+            accepted = machine.check_submit(header.client_id, header.round, header.sha256)
+            if accepted is not None:
+                return accepted
+            # Last moment to notice a call that ended without a half-close
+            # (cancelled, past its deadline): such an upload must not count.
+            if alive is not None and not alive():
+                raise CallEndedError(header.round)
+            first = machine.first_update_at is None
+            accepted = machine.submit(header.client_id, header.round, header.sha256,
+                                      writer.commit(), self._clock.now())
+            if accepted.closed is not None:
+                self._start_aggregation(accepted)
+            elif first:
+                self._cond.notify_all()  # the round's clock started: the timer has a deadline
+            return accepted
 
     def wait_for_model(self, client_id: str, round: int,
                        remaining: Callable[[], float | None]) -> GlobalModel | None:
@@ -180,29 +251,39 @@ class Coordinator:
         RoundMachine.model_status raises."""
         self._check_running()
         with self._cond:
-            if self._machine.model_status(client_id, round) is ModelStatus.READY:
-                return self._model
-            if self._waiters >= self._config.capacity:
-                raise CapacityError(self._config.capacity)
-            self._waiters += 1
-            try:
-                while self._machine.model_status(client_id, round) is ModelStatus.PENDING:
-                    self._check_running()
-                    left = remaining()
-                    if left is not None and left <= 0:
-                        return None
-                    self._cond.wait(timeout=left)
-                return self._model
-            finally:
-                self._waiters -= 1
+            if self._machine.model_status(client_id, round) is not ModelStatus.READY:
+                if self._waiters >= self._config.capacity:
+                    raise CapacityError(self._config.capacity)
+                self._waiters += 1
+                try:
+                    while self._machine.model_status(client_id, round) is ModelStatus.PENDING:
+                        self._check_running()
+                        left = remaining()
+                        if left is not None and left <= 0:
+                            return None
+                        self._cond.wait(timeout=left)
+                finally:
+                    self._waiters -= 1
+            self._note_fetch(client_id, round)
+            return self._model
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Wakes every waiter (they get ShuttingDownError), refuses new work,
-        and waits for a running aggregation so that its model is on disk."""
+    def shutdown(self) -> None:
+        """Refuses new calls and wakes every waiter (they get ShuttingDownError).
+        Uploads already past their checks may still be counted: stop the
+        transport, then `close`."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        for worker in self._workers:
+
+    def close(self, timeout: float = 30.0) -> None:
+        """`shutdown`, then waits for the timer and any running aggregation (so
+        that its model is on disk), then releases the state dir: last, so that
+        no other server can take it while this one still writes."""
+        self.shutdown()
+        self._timer.join(timeout)
+        with self._cond:
+            workers = list(self._workers)
+        for worker in workers:
             worker.join(timeout)
         self._state.close()
 
@@ -216,18 +297,15 @@ class Coordinator:
         with self._cond:
             return self._model
 
+    @property
+    def storage_ok(self) -> bool:
+        with self._storage_lock:
+            return self._storage_ok
+
     # -- rounds -------------------------------------------------------------------
 
     def _start_aggregation(self, accepted: Accepted[SpooledUpdate]) -> None:
         # Called under the lock, right after the machine closed the round.
-        assert accepted.closed is not None
-        closed = [u.client_id for u in accepted.closed]
-        if set(closed) != self._machine.cohort:
-            # Closed at its deadline without some of the cohort: a restart
-            # must aggregate exactly these. A round closed by its whole cohort
-            # needs no record: cohort.json and the update files say as much.
-            self._state.write_json(self._spool.round_dir(accepted.round) / "closed.json",
-                                   {"round": accepted.round, "clients": closed})
         worker = threading.Thread(target=self._aggregate, args=(accepted,),
                                   name=f"aggregate-{accepted.round}", daemon=True)
         self._workers = [w for w in self._workers if w.is_alive()] + [worker]
@@ -247,9 +325,7 @@ class Coordinator:
                      "resumes from what is on disk (a round being aggregated is "
                      "aggregated again from its spooled updates).", what,
                      type(error).__name__, error, exc_info=error)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
+        self.shutdown()
         if self._config.on_failure is not None:
             self._config.on_failure(error)
 
@@ -268,35 +344,25 @@ class Coordinator:
             round=accepted.round, specs=self.specs, sha256=hashlib.sha256(payload).digest(),
             num_updates=len(updates), total_examples=sum(u.num_examples for u in updates),
             metrics=metrics)
-        self._state.save_model(header, payload, crash=functools.partial(
+        save = functools.partial(self._state.save_model, header, payload, crash=functools.partial(
             faults.maybe_crash, "during_model_write", accepted.round))
+        if not self._write_until_done(f"the global model of round {accepted.round}", save):
+            return  # stopping: a restart aggregates the round again
         with self._cond:
             previous = self._model.header.round
             self._model = GlobalModel(header, payload)
-            self._machine.published(accepted.round, self._clock())
-            self._persist_round_opened()
+            self._machine.published(accepted.round, self._clock.now())
+            self._after_transition()
             if self._adopt_next_round:
                 self._adopt_next_round = False
                 self._adopt_spooled()
-            self._cond.notify_all()
+            self._journal.drop_aborted_before(previous)
         # Keep this round's updates until the next model is out: if the model
         # file just written turns out corrupt, they rebuild it. Rounds between
         # the two published ones were aborted and dropped then; older ones
-        # were dropped at start-up (_find_open_round).
+        # were dropped at start-up (Journal.resume).
         self._spool.drop_round(previous)
-        self._drop_abort_markers_before(previous)
         self._log_round(header, time.perf_counter() - started, opened_at)
-
-    def _drop_abort_markers_before(self, round: int) -> None:
-        # Like update files, a marker is kept while the model published after
-        # it might still be rebuilt from the previous one (recovery walks the
-        # aborted rounds from there); older ones go. Markers from before a
-        # restart were dropped by _find_open_round.
-        with self._cond:
-            old = [r for r in self._aborted_rounds if r < round]
-            self._aborted_rounds = [r for r in self._aborted_rounds if r >= round]
-        for aborted in old:
-            self._spool.aborted_marker(aborted).unlink(missing_ok=True)
 
     def _evaluate(self, payload: bytes | bytearray) -> dict[str, float]:
         # A broken evaluator must not stop training (nor, as a fail-stop, make
@@ -309,47 +375,160 @@ class Coordinator:
             log.exception("evaluating the global model failed; publishing it without eval_*")
             return {}
 
-    def _deadline_loop(self) -> None:
+    # -- the timer: round deadlines and the end of the run ---------------------------
+
+    def _timer_loop(self) -> None:
         try:
-            self._run_deadlines()
-        except Exception as error:  # e.g. writing closed.json or an abort marker
-            self._fail("the deadline timer", error)
+            self._run_timer()
+        except Exception as error:
+            self._fail("the timer", error)
 
-    def _run_deadlines(self) -> None:
-        with self._cond:
-            while not self._stopping:
+    def _run_timer(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                now = self._clock.now()
                 deadline = self._machine.deadline
-                now = self._clock()
-                if deadline is None or now < deadline:
-                    self._cond.wait(timeout=None if deadline is None else deadline - now)
+                if deadline is not None and now >= deadline:
+                    self._apply_deadline(now)
                     continue
-                outcome = self._machine.tick(now)
-                if isinstance(outcome, Aborted):
-                    self._on_abort(outcome)
-                elif isinstance(outcome, Accepted):
-                    log.info("round %d closed at its deadline with %d of %d updates",
-                             outcome.round, outcome.received, outcome.expected)
-                    self._start_aggregation(outcome)
+                if self._run_is_over(now):
+                    self._finish_reported = True
+                    on_finished = self._config.on_finished
+                else:
+                    wake = min((t for t in (deadline, self._linger_end()) if t is not None),
+                               default=None)
+                    self._clock.wait(self._cond, None if wake is None else wake - now)
+                    continue
+            if on_finished is not None:  # outside the lock: it may stop the server
+                on_finished()
 
-    def _on_abort(self, aborted: Aborted[SpooledUpdate]) -> None:
-        # Under the lock. The marker first: a crash after it still reads as aborted.
-        log.warning("round %d aborted at its deadline: %d updates, quorum %d",
-                    aborted.round, len(aborted.discarded), self._config.quorum)
-        self._state.write_json(self._spool.aborted_marker(aborted.round),
-                               {"round": aborted.round})
-        self._aborted_rounds.append(aborted.round)
+    def _apply_deadline(self, now: float) -> None:
+        # Under the lock. The record first: a crash after it reads as closed
+        # (or aborted); if the disk refuses it, the round stays open and the
+        # record is tried again.
+        machine = self._machine
+        round = machine.open_round
+        closing = machine.closes_at_deadline()
+        try:
+            if closing:
+                self._journal.record_closed(round, list(machine.received))
+            else:
+                self._journal.record_aborted(round)
+        except OSError as error:
+            self._storage_failed(f"the deadline record of round {round}", error)
+            self._clock.wait(self._cond, STORAGE_RETRY_MAX)
+            return
+        outcome = machine.tick(now)
+        if isinstance(outcome, Aborted):
+            log.warning("round %d aborted at its deadline: %d updates, quorum %d",
+                        round, len(outcome.discarded), self._config.min_clients)
+            self._spool.drop_round(round)
+            self._after_transition()
+        elif isinstance(outcome, Accepted):
+            log.info("round %d closed at its deadline with %d of %d updates",
+                     outcome.round, outcome.received, outcome.expected)
+            self._start_aggregation(outcome)
+
+    def _after_transition(self) -> None:
+        # Under the lock, after a round was published or aborted.
         self._persist_round_opened()
-        self._spool.drop_round(aborted.round)
+        if self._machine.phase is Phase.FINISHED and self._finished_at is None:
+            self._finished_at = self._clock.now()
+            log.info("run finished after round %d; serving the final model (round %d) "
+                     "until every client has fetched it, at most %.0f s",
+                     self._machine.open_round - 1, self._machine.published_round,
+                     self._config.linger)
         self._cond.notify_all()
 
+    def _note_fetch(self, client_id: str, round: int) -> None:
+        # Under the lock: a client got the final model.
+        machine = self._machine
+        if machine.phase is Phase.FINISHED and round == machine.published_round:
+            self._fetched_final.add(client_id)
+            self._cond.notify_all()
+
+    def _run_is_over(self, now: float) -> bool:
+        # Under the lock: finished, and drained or lingered long enough.
+        linger_end = self._linger_end()
+        if linger_end is None:
+            return False
+        return self._machine.active <= self._fetched_final or now >= linger_end
+
+    def _linger_end(self) -> float | None:
+        if self._finished_at is None or self._finish_reported:
+            return None
+        return self._finished_at + self._config.linger
+
     def _persist_round_opened(self) -> None:
-        # Under the lock: record each round's cohort once, when it opens.
+        # Under the lock: record each round's cohort once, when it opens. If
+        # the disk refuses, the next call tries again (until then a restart
+        # would open the round afresh from the registered clients).
         machine = self._machine
         if machine.cohort and machine.open_round > self._persisted_round:
-            self._state.save_cohort(machine.open_round, machine.cohort,
-                                    self._spool.round_dir(machine.open_round))
+            try:
+                self._journal.record_cohort(machine.open_round, machine.cohort)
+            except OSError as error:
+                self._storage_failed(f"the cohort of round {machine.open_round}", error)
+                return
             self._persisted_round = machine.open_round
-            self._cond.notify_all()  # the deadline timer has a new deadline
+            self._cond.notify_all()  # the timer may have a new deadline
+
+    # -- storage ----------------------------------------------------------------------
+
+    def _write(self, what: str, write: Callable[..., None], *args: object) -> None:
+        try:
+            write(*args)
+        except OSError as error:
+            raise self._storage_error(what, error) from error
+        self._storage_recovered()
+
+    def _write_until_done(self, what: str, write: Callable[[], None]) -> bool:
+        """Retries `write` with backoff while the disk refuses it. False if the
+        server began stopping first."""
+        delay = STORAGE_RETRY_INITIAL
+        while True:
+            try:
+                write()
+            except OSError as error:
+                self._storage_failed(what, error)
+                with self._cond:
+                    if not self._stopping:
+                        self._clock.wait(self._cond, delay)
+                    if self._stopping:
+                        return False
+                delay = min(2 * delay, STORAGE_RETRY_MAX)
+                continue
+            self._storage_recovered()
+            return True
+
+    def _storage_error(self, what: str, error: OSError) -> StorageError:
+        self._storage_failed(what, error)
+        return StorageError(what, error)
+
+    def _storage_failed(self, what: str, error: OSError) -> None:
+        with self._storage_lock:
+            changed, self._storage_ok = self._storage_ok, False
+        if changed:
+            log.error("cannot write %s to %s (%s); refusing uploads with UNAVAILABLE until "
+                      "the state dir takes writes again", what, self._state.root, error)
+            if self._config.on_storage is not None:
+                self._config.on_storage(False)
+
+    def _storage_recovered(self) -> None:
+        with self._storage_lock:
+            changed, self._storage_ok = not self._storage_ok, True
+        if changed:
+            log.warning("the state dir %s takes writes again", self._state.root)
+            if self._config.on_storage is not None:
+                self._config.on_storage(True)
+
+    def _sync_round(self, round: int) -> None:
+        try:
+            self._spool.sync_round(round)
+        except OSError as error:
+            raise self._storage_error(f"round {round}'s directory", error) from error
 
     # -- recovery -------------------------------------------------------------------
 
@@ -363,39 +542,26 @@ class Coordinator:
                                   "use another --state-dir or --fresh")
             self._model = GlobalModel(stored.header, stored.payload)
         published = self._model.header.round
-        open_round, cohort, received = self._find_open_round(published)
+        resume = self._journal.resume(published, self.specs)
+        now = self._clock.now()
         closed = self._machine.restore(
-            self._state.load_clients(), published, open_round, cohort,
-            [Update(u.header.client_id, u.header.sha256, u) for u in received], self._clock())
-        self._persisted_round = open_round if cohort else 0
+            self._state.load_clients(), published, resume.open_round, resume.cohort,
+            [Update(u.header.client_id, u.header.sha256, u) for u in resume.received], now,
+            resume.last)
+        self._persisted_round = resume.open_round if resume.cohort else 0
         # Only a round re-aggregated at start-up can have a successor with
         # updates already on disk (see _adopt_spooled); no other publish looks.
         self._adopt_next_round = closed is not None
-        if closed is not None:
-            log.info("resuming: round %d is complete on disk; aggregating it", open_round)
-            with self._cond:
-                self._start_aggregation(closed)
         with self._cond:
-            self._persist_round_opened()
-        if published or received or self._machine.clients:
+            if closed is not None:
+                log.info("resuming: round %d is complete on disk; aggregating it",
+                         resume.open_round)
+                self._start_aggregation(closed)
+            self._after_transition()
+        if published or resume.received or self._machine.registered:
             log.info("resumed from %s: global model of round %d, round %d open with %d "
-                     "acknowledged updates", self._state.root, published, open_round,
-                     len(received))
-
-    def _find_open_round(self, published: int,
-                         ) -> tuple[int, frozenset[str] | None, list[SpooledUpdate]]:
-        # Rounds after the published one are aborted (marked) or the open one.
-        self._spool.drop_rounds_before(published)
-        open_round = published + 1
-        while self._spool.aborted_marker(open_round).exists():
-            self._spool.drop_round(open_round)
-            open_round += 1
-        directory = self._spool.round_dir(open_round)
-        cohort = self._state.load_cohort(directory)
-        closed_file = directory / "closed.json"
-        if closed_file.exists():  # closed before the crash: exactly those updates
-            cohort = frozenset(json.loads(closed_file.read_text())["clients"])
-        return open_round, cohort, self._spool.load_round(open_round, self.specs)
+                     "acknowledged updates", self._state.root, published, resume.open_round,
+                     len(resume.received))
 
     def _adopt_spooled(self) -> None:
         # Under the lock, after the first publish since a resume that had to
@@ -406,11 +572,20 @@ class Coordinator:
         for update in self._spool.load_round(machine.open_round, self.specs):
             header = update.header
             if header.client_id in machine.cohort and header.client_id not in machine.received:
-                accepted = machine.submit(header.client_id, header.round, header.sha256, update)
+                accepted = machine.submit(header.client_id, header.round, header.sha256, update,
+                                          self._clock.now())
                 if accepted.closed is not None:
                     self._start_aggregation(accepted)
 
     # -- odds and ends ----------------------------------------------------------------
+
+    def _check_model(self, specs: codec.ModelSpec) -> None:
+        try:
+            codec.check_specs_match(specs, self.specs)
+        except MalformedUpdateError as error:
+            mismatch = ModelMismatchError(f"the client's model is not the server's: {error}")
+            mismatch.tensor = error.tensor
+            raise mismatch from None
 
     def _check_running(self) -> None:
         faults.next_call()
@@ -423,7 +598,7 @@ class Coordinator:
             "round": header.round, "num_updates": header.num_updates,
             "total_examples": header.total_examples, "metrics": dict(header.metrics),
             "sha256": header.sha256.hex(), "aggregation_seconds": seconds,
-            "round_seconds": self._clock() - opened_at if opened_at is not None else None,
+            "round_seconds": self._clock.now() - opened_at if opened_at is not None else None,
         }
         log.info("round %d closed: %s", header.round, json.dumps(record))
         if self._config.round_log is not None:

@@ -8,6 +8,28 @@ library.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+# Values quoted in messages are cut to this many characters: a message names
+# what is wrong, and a peer's 1 MB tensor name must not make it 1 MB.
+QUOTE_LIMIT = 80
+# A message lists at most this many items of a list, then says how many more.
+LIST_LIMIT = 3
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """repr(value), cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+def listing(values: Iterable[object], limit: int = LIST_LIMIT) -> str:
+    """The first `limit` values quoted, then how many more there are."""
+    items = list(values)
+    shown = ", ".join(quote(v) for v in items[:limit])
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"[{shown}{more}]"
+
 
 class ParamServerError(Exception):
     """Root of every error paramserver raises on purpose."""
@@ -17,7 +39,7 @@ class UnknownClientError(ParamServerError):
     """A call names a client_id that never registered."""
 
     def __init__(self, client_id: str) -> None:
-        super().__init__(f"unknown client {client_id!r}: call RegisterClient first")
+        super().__init__(f"unknown client {quote(client_id)}: call RegisterClient first")
         self.client_id = client_id
 
 
@@ -25,7 +47,7 @@ class InvalidClientNameError(ParamServerError):
     """A client name that is empty, too long or has characters outside the set."""
 
     def __init__(self, name: str, why: str) -> None:
-        super().__init__(f"invalid client name {name!r}: {why}")
+        super().__init__(f"invalid client name {quote(name)}: {why}")
         self.name = name
 
 
@@ -44,7 +66,7 @@ class StaleRoundError(RoundError):
 
     def __init__(self, client_id: str, round: int, open_round: int) -> None:
         super().__init__(
-            f"round {round} is closed (open round is {open_round}); client {client_id!r} "
+            f"round {round} is closed (open round is {open_round}); client {quote(client_id)} "
             "must fetch the latest global model and re-sync",
             client_id=client_id, round=round, open_round=open_round,
         )
@@ -66,7 +88,7 @@ class NotInCohortError(RoundError):
 
     def __init__(self, client_id: str, round: int, open_round: int) -> None:
         super().__init__(
-            f"client {client_id!r} is not in the cohort of round {round} (it joined after "
+            f"client {quote(client_id)} is not in the cohort of round {round} (it joined after "
             f"the round opened or dropped out earlier); register again and take part "
             f"from round {round + 1}",
             client_id=client_id, round=round, open_round=open_round,
@@ -88,7 +110,7 @@ class ConflictingUpdateError(ParamServerError):
 
     def __init__(self, client_id: str, round: int) -> None:
         super().__init__(
-            f"client {client_id!r} already sent a different update for round {round}; "
+            f"client {quote(client_id)} already sent a different update for round {round}; "
             "the first one is kept"
         )
         self.client_id = client_id
@@ -102,7 +124,7 @@ class MalformedUpdateError(ParamServerError):
     """
 
     def __init__(self, message: str, *, tensor: str | None = None) -> None:
-        super().__init__(f"tensor {tensor!r}: {message}" if tensor is not None else message)
+        super().__init__(f"tensor {quote(tensor)}: {message}" if tensor is not None else message)
         self.tensor = tensor
 
 
@@ -135,6 +157,40 @@ class ShuttingDownError(ParamServerError):
 
     def __init__(self) -> None:
         super().__init__("server is shutting down; retry")
+
+
+class StorageError(ParamServerError):
+    """The state dir cannot be written (full, read-only, I/O error). Nothing
+    was acknowledged; retry once the server is SERVING again."""
+
+    def __init__(self, what: str, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        super().__init__(f"cannot write the server's state ({what}): {reason}; "
+                         "nothing was counted, retry later")
+        self.errno = error.errno
+
+
+class CallEndedError(ParamServerError):
+    """The call was cancelled or its deadline passed before the update was
+    committed: it does not count."""
+
+    def __init__(self, round: int) -> None:
+        super().__init__(f"the upload for round {round} ended (cancelled or past its "
+                         "deadline) before it was committed; it does not count")
+        self.round = round
+
+
+class WaitTimeoutError(ParamServerError):
+    """The client's own limit on waiting at the barrier passed (DEADLINE_EXCEEDED
+    of a call that waits for a round to close); the round may still close."""
+
+    def __init__(self, round: int) -> None:
+        super().__init__(f"round {round} did not close within the time this client waits")
+        self.round = round
+
+
+class ModelMismatchError(MalformedUpdateError):
+    """A client's model is not the server's (refused at registration)."""
 
 
 class PayloadTooLargeError(ParamServerError):

@@ -8,25 +8,34 @@ It holds no lock and must not import grpc, torch, threading, socket or time; the
 transport owns the lock, and time is passed in as `now`.
 
 Rules, all of them here:
-- Round 1 opens once `min_clients` clients have registered. Every round's
-  cohort is the set of active clients at the moment it opens.
+- Round 1 opens once `clients` clients have registered. Every round's cohort is
+  the set of active clients at the moment it opens.
 - A client that registers while a round is open (or being aggregated) takes part
   from the next round. While a round waits for clients, the active clients may
-  already send their updates for it. Registration is idempotent: a known name keeps its slot,
-  becomes active again, and is told which round it takes part in next (the open
-  one if it is in its cohort and has not sent yet, else the next).
+  already send their updates for it (early updates; their acknowledgement says
+  `expected` 0: the cohort is not known yet). Registration is idempotent: a
+  known name keeps its slot, becomes active again, and is told which round it
+  takes part in next (the open one if it is in its cohort and has not sent yet,
+  else the next).
 - A round closes when every member of its cohort has sent one update (the
   barrier). The updates come out in canonical order (sorted client ids), which
   is what makes the global model independent of arrival order.
-- With a `round_timeout`, a `tick(now)` at or after the deadline closes the
-  round with the updates it has if there are at least `quorum`, else aborts it:
-  its updates are discarded, the global model stays, and the next round opens.
-  Cohort members that sent nothing become inactive (dropouts) and are left out
-  of later cohorts until they register again, so a dead client never holds up
-  more than one round.
+- The deadline. With a `round_timeout` T, a round's clock starts when its first
+  update is counted (an early one included), so the deadline measures how long
+  the clients that are done wait for the others, not how long training takes:
+  a slow first round (cold start, a large download) does not count against it,
+  and every client waiting at the barrier has a deadline running. A `tick(now)`
+  at or after first update + T closes the round with the updates it has if
+  there are at least `min_clients`, else aborts it: its updates are discarded,
+  the global model stays, and the next round begins. A round still waiting for
+  clients is treated the same way, its active clients standing in for the
+  cohort. Cohort members that sent nothing become inactive (dropouts) and are
+  left out of later cohorts until they register again, so a dead client never
+  holds up more than one round. A round that has received nothing has no
+  deadline: nobody waits on it.
 - A closed round is AGGREGATING until the transport reports the global model
   published; then the next round opens, or the run is FINISHED after
-  `total_rounds`. A round after the first opens once `quorum` clients are
+  `total_rounds`. A round after the first opens once `min_clients` clients are
   active; until then the machine waits for clients again.
 - The same update (same digest) sent again for a round is a duplicate: counted
   once and acknowledged again, also just after the round closed (the retry of
@@ -41,7 +50,7 @@ file, a state_dict); the machine never looks inside it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -102,9 +111,10 @@ class Update(Generic[P]):
 
 @dataclass(frozen=True)
 class Accepted(Generic[P]):
-    """The outcome of a submit. `closed` holds the round's updates in canonical
-    order when this update completed the barrier; the caller must aggregate them
-    and then call `published`."""
+    """The outcome of a submit. `expected` is the size of the round's cohort, 0
+    while the round waits for clients. `closed` holds the round's updates in
+    canonical order when this update completed the barrier; the caller must
+    aggregate them and then call `published`."""
 
     round: int
     duplicate: bool
@@ -121,6 +131,15 @@ class Aborted(Generic[P]):
     discarded: tuple[Update[P], ...]
 
 
+@dataclass(frozen=True)
+class LastRound:
+    """What a restart knows of the last published round: its cohort's size and
+    the digests of its updates (to recognise the retry of a lost ack)."""
+
+    cohort_size: int
+    digests: Mapping[str, bytes]
+
+
 class ModelStatus(enum.Enum):
     READY = "ready"
     PENDING = "pending"
@@ -128,34 +147,40 @@ class ModelStatus(enum.Enum):
 
 @dataclass
 class RoundMachine(Generic[P]):
-    """The barrier of a synchronous parameter server. See the module docstring."""
+    """The barrier of a synchronous parameter server. See the module docstring.
 
-    min_clients: int
+    `clients`: registrations round 1 waits for. `min_clients`: the quorum, the
+    updates a round needs to close at its deadline (and the active clients a
+    round after the first needs to open)."""
+
+    clients: int
     total_rounds: int = 0
     capacity: int = 1024
     round_timeout: float | None = None
-    quorum: int = 1
+    min_clients: int = 1
     phase: Phase = Phase.WAITING_FOR_CLIENTS
     open_round: int = 1
     published_round: int = 0
     opened_at: float | None = None
-    clients: dict[str, int] = field(default_factory=dict)  # name -> round registered in
+    first_update_at: float | None = None  # starts the open round's clock
+    registered: dict[str, int] = field(default_factory=dict)  # name -> round registered in
     inactive: set[str] = field(default_factory=set)
     cohort: frozenset[str] = frozenset()
     received: dict[str, Update[P]] = field(default_factory=dict)
     # Digests of the last published round, so that a retry whose first
     # acknowledgement was lost is still recognised as a duplicate.
     last_digests: dict[str, bytes] = field(default_factory=dict)
+    last_cohort_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.min_clients < 1:
-            raise ValueError("min_clients must be at least 1")
-        if self.capacity < self.min_clients:
-            raise ValueError("capacity must be at least min_clients")
+        if self.clients < 1:
+            raise ValueError("clients must be at least 1")
+        if self.capacity < self.clients:
+            raise ValueError("capacity must be at least clients")
         if self.total_rounds < 0:
             raise ValueError("total_rounds must be 0 (no limit) or more")
-        if not 1 <= self.quorum <= self.min_clients:
-            raise ValueError("quorum must be in 1..min_clients")
+        if not 1 <= self.min_clients <= self.clients:
+            raise ValueError("min_clients must be in 1..clients")
         if self.round_timeout is not None and self.round_timeout <= 0:
             raise ValueError("round_timeout must be positive")
 
@@ -164,21 +189,21 @@ class RoundMachine(Generic[P]):
     def register(self, name: str, now: float) -> Registration:
         """Registers `name`, or re-registers it. Raises InvalidClientNameError,
         CapacityError."""
-        _check_name(name)
-        is_new = name not in self.clients
-        if is_new and len(self.clients) >= self.capacity:
-            raise CapacityError(self.capacity)
+        is_new = self.check_register(name)
         first_round = self._dispatch(Event.REGISTER, name, now)
         assert isinstance(first_round, int)
         return Registration(name, first_round, is_new, self._model_round_for(first_round))
 
-    def submit(self, client_id: str, round: int, digest: bytes, payload: P) -> Accepted[P]:
+    def submit(self, client_id: str, round: int, digest: bytes, payload: P,
+               now: float) -> Accepted[P]:
         """Records an update. Raises UnknownClientError, RoundError subclasses,
         ConflictingUpdateError; on any of them nothing changes."""
         duplicate = self.check_submit(client_id, round, digest)
         if duplicate is not None:
             return duplicate
         self.received[client_id] = Update(client_id, digest, payload)
+        if self.first_update_at is None:
+            self.first_update_at = now
         closed = None
         if self.phase is Phase.COLLECTING and self.received.keys() >= self.cohort:
             closed = self._close()
@@ -197,22 +222,35 @@ class RoundMachine(Generic[P]):
         if deadline is None or now < deadline:
             return None
         outcome = self._dispatch(Event.DEADLINE, now)
-        assert outcome is None or isinstance(outcome, Accepted | Aborted)
+        assert isinstance(outcome, Accepted | Aborted)
         return outcome
 
     # -- queries (never mutate) ------------------------------------------------
 
     @property
     def deadline(self) -> float | None:
-        """When the open round times out; None if it cannot."""
-        if self.phase is not Phase.COLLECTING or self.round_timeout is None:
+        """When the open round times out; None if it cannot (no timeout, no
+        update yet, or not open for updates)."""
+        if (self.round_timeout is None or self.first_update_at is None
+                or self.phase not in (Phase.WAITING_FOR_CLIENTS, Phase.COLLECTING)):
             return None
-        assert self.opened_at is not None
-        return self.opened_at + self.round_timeout
+        return self.first_update_at + self.round_timeout
+
+    def check_register(self, name: str) -> bool:
+        """Raises what `register` would raise; True if `name` is new."""
+        check_name(name)
+        is_new = name not in self.registered
+        if is_new and len(self.registered) >= self.capacity:
+            raise CapacityError(self.capacity)
+        return is_new
+
+    def closes_at_deadline(self) -> bool:
+        """Whether a deadline passing now would close the round (else abort it)."""
+        return len(self.received) >= self.min_clients
 
     @property
     def active(self) -> frozenset[str]:
-        return frozenset(self.clients.keys() - self.inactive)
+        return frozenset(self.registered.keys() - self.inactive)
 
     def check_submit(self, client_id: str, round: int, digest: bytes) -> Accepted[P] | None:
         """Raises what `submit` would raise. Returns the acknowledgement if this
@@ -224,8 +262,7 @@ class RoundMachine(Generic[P]):
             raise FutureRoundError(client_id, round, self.open_round)
         if round < self.open_round:
             if round == self.published_round and self.last_digests.get(client_id) == digest:
-                n = len(self.last_digests)
-                return Accepted(round, True, n, n)
+                return Accepted(round, True, len(self.last_digests), self.last_cohort_size)
             raise StaleRoundError(client_id, round, self.open_round)
         # While the round waits for clients, its cohort-to-be is the active
         # clients: they may send early (a fast client need not wait for the
@@ -271,8 +308,7 @@ class RoundMachine(Generic[P]):
 
     def _register_while_waiting(self, name: str, now: float) -> int:
         self._enrol(name)
-        needed = self.min_clients if self.open_round == 1 else self.quorum
-        if len(self.active) >= needed:
+        if len(self.active) >= self._needed_to_open():
             self._open(now)
         return self.open_round
 
@@ -289,11 +325,18 @@ class RoundMachine(Generic[P]):
     def _publish(self, now: float) -> None:
         self.published_round = self.open_round
         self.last_digests = {c: u.digest for c, u in self.received.items()}
+        self.last_cohort_size = len(self.cohort)
         self._next_round(now)
+
+    def _deadline_while_waiting(self, now: float) -> Accepted[P] | Aborted[P]:
+        # The round never opened: its active clients stand in for the cohort.
+        self.cohort = self.active
+        self.opened_at = now
+        return self._deadline(now)
 
     def _deadline(self, now: float) -> Accepted[P] | Aborted[P]:
         self.inactive |= self.cohort - self.received.keys()
-        if len(self.received) >= self.quorum:
+        if self.closes_at_deadline():
             closed = self._close()
             return Accepted(self.open_round, False, len(closed), len(self.cohort), closed)
         aborted = Aborted(self.open_round, self._in_canonical_order())
@@ -310,30 +353,35 @@ class RoundMachine(Generic[P]):
     def _next_round(self, now: float) -> None:
         self.received = {}
         self.cohort = frozenset()
+        self.first_update_at = None
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:
             self.phase = Phase.FINISHED
-        elif len(self.active) >= self.quorum:
+        elif len(self.active) >= self.min_clients:
             self._open(now)
         else:
             self.phase = Phase.WAITING_FOR_CLIENTS
 
     def _open(self, now: float) -> None:
-        # Updates sent while the round waited stay. They cannot already
-        # complete the cohort: the registration that opens it adds a client
-        # that was not active before, so it has not sent.
+        # Updates sent while the round waited stay (and so does the clock
+        # their first one started). They cannot already complete the cohort:
+        # the registration that opens it adds a client that was not active
+        # before, so it has not sent.
         self.phase = Phase.COLLECTING
         self.cohort = self.active
         self.opened_at = now
 
+    def _needed_to_open(self) -> int:
+        return self.clients if self.open_round == 1 else self.min_clients
+
     def _enrol(self, name: str) -> None:
-        self.clients.setdefault(name, self.open_round)
+        self.registered.setdefault(name, self.open_round)
         self.inactive.discard(name)
 
     def _expected(self) -> int:
-        """Updates the open round waits for (its cohort, or the clients that
-        will be its cohort while it waits for more)."""
-        return len(self.active if self.phase is Phase.WAITING_FOR_CLIENTS else self.cohort)
+        """The open round's cohort size; 0 while it waits for clients (its
+        cohort is not known until it opens or its deadline passes)."""
+        return 0 if self.phase is Phase.WAITING_FOR_CLIENTS else len(self.cohort)
 
     def _model_round_for(self, first_round: int) -> int:
         before = first_round - 1
@@ -341,36 +389,41 @@ class RoundMachine(Generic[P]):
 
     def _known(self, client_id: str) -> int:
         try:
-            return self.clients[client_id]
+            return self.registered[client_id]
         except KeyError:
             raise UnknownClientError(client_id) from None
 
     # -- recovery -------------------------------------------------------------
 
-    def restore(self, clients: dict[str, int], published_round: int, open_round: int,
+    def restore(self, registered: Mapping[str, int], published_round: int, open_round: int,
                 cohort: frozenset[str] | None, received: Iterable[Update[P]],
-                now: float) -> Accepted[P] | None:
+                now: float, last: LastRound | None = None) -> Accepted[P] | None:
         """Puts a fresh machine in the state a crashed server left on disk:
         `received` are the updates acknowledged for `open_round`, `cohort` that
-        round's cohort if it had opened. Returns the closed round if those
-        updates already complete it (aggregate it, then call `published`)."""
-        if self.clients or self.open_round != 1:
+        round's cohort if it had opened, `last` what is known of the published
+        round. A round with updates gets a fresh clock (its first update is
+        taken as arriving `now`). Returns the closed round if those updates
+        already complete it (aggregate it, then call `published`)."""
+        if self.registered or self.open_round != 1:
             raise IllegalTransitionError("restore needs a fresh machine")
-        self.clients = dict(clients)
+        self.registered = dict(registered)
         self.published_round = published_round
         self.open_round = open_round
+        if last is not None:
+            self.last_digests = dict(last.digests)
+            self.last_cohort_size = last.cohort_size
         if self.total_rounds and open_round > self.total_rounds:
             self.phase = Phase.FINISHED
             return None
+        members = self.registered.keys() if cohort is None else cohort
+        self.received = {u.client_id: u for u in received if u.client_id in members}
+        self.first_update_at = now if self.received else None
         if cohort is None:
             self.phase = Phase.WAITING_FOR_CLIENTS
-            self.received = {u.client_id: u for u in received if u.client_id in self.clients}
-            needed = self.min_clients if open_round == 1 else self.quorum
-            if len(self.active) >= needed:
+            if len(self.active) >= self._needed_to_open():
                 self._open(now)
             return None
         self.phase, self.cohort, self.opened_at = Phase.COLLECTING, cohort, now
-        self.received = {u.client_id: u for u in received if u.client_id in cohort}
         if self.received.keys() >= self.cohort:
             closed = self._close()
             return Accepted(open_round, False, len(closed), len(cohort), closed)
@@ -386,11 +439,13 @@ _TRANSITIONS: dict[tuple[Phase, Event], Callable[..., object]] = {
     (Phase.AGGREGATING, Event.REGISTER): RoundMachine._register_during_run,
     (Phase.FINISHED, Event.REGISTER): RoundMachine._register_after_end,
     (Phase.AGGREGATING, Event.PUBLISH): RoundMachine._publish,
+    (Phase.WAITING_FOR_CLIENTS, Event.DEADLINE): RoundMachine._deadline_while_waiting,
     (Phase.COLLECTING, Event.DEADLINE): RoundMachine._deadline,
 }
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Raises InvalidClientNameError unless `name` is a valid client name."""
     if not name:
         raise InvalidClientNameError(name, "empty")
     if len(name) > MAX_NAME_LENGTH:

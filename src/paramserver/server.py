@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import torch
@@ -24,9 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from paramserver import codec, wire
+from paramserver.clock import Clock
 from paramserver.coordinator import Coordinator, GlobalModel, ServerConfig
 from paramserver.errors import (
     AveragingError,
+    CallEndedError,
     CapacityError,
     ConflictingUpdateError,
     DecodeError,
@@ -37,6 +40,7 @@ from paramserver.errors import (
     RoundAbortedError,
     RoundError,
     ShuttingDownError,
+    StorageError,
     UnknownClientError,
 )
 from paramserver.rounds import Accepted
@@ -45,6 +49,8 @@ from paramserver.v1 import parameter_server_pb2 as pb
 from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
 
 log = logging.getLogger("paramserver.server")
+
+M = TypeVar("M")
 
 SERVICE_NAME = wire.SERVICE.full_name
 ERROR_DOMAIN = "paramserver"
@@ -63,7 +69,15 @@ STATUS_BY_ERROR: dict[type[ParamServerError], grpc.StatusCode] = {
     PayloadTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RoundAbortedError: grpc.StatusCode.ABORTED,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+    StorageError: grpc.StatusCode.UNAVAILABLE,
+    CallEndedError: grpc.StatusCode.CANCELLED,
 }
+
+# Every status a handler sends stays far below gRPC's 8 KiB metadata limit
+# (the message travels twice: as grpc-message and inside the Status details),
+# so that the client sees the refusal, not RESOURCE_EXHAUSTED about metadata.
+MAX_STATUS_MESSAGE = 1024
+MAX_DETAIL_VALUE = 128
 
 def status_code_for(error: ParamServerError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
@@ -73,8 +87,14 @@ def status_code_for(error: ParamServerError) -> grpc.StatusCode:
 
 
 def _error_details(error: ParamServerError) -> dict[str, str]:
-    keys = ("client_id", "round", "open_round", "tensor", "capacity", "name", "size", "limit")
-    return {k: str(getattr(error, k)) for k in keys if getattr(error, k, None) is not None}
+    keys = ("client_id", "round", "open_round", "tensor", "capacity", "name", "size", "limit",
+            "errno")
+    return {k: _bounded(str(getattr(error, k)), MAX_DETAIL_VALUE)
+            for k in keys if getattr(error, k, None) is not None}
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 20]}...({len(text)} chars)"
 
 
 def _abort(context: grpc.ServicerContext, error: ParamServerError) -> NoReturn:
@@ -82,7 +102,8 @@ def _abort(context: grpc.ServicerContext, error: ParamServerError) -> NoReturn:
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(
         reason=type(error).__name__, domain=ERROR_DOMAIN, metadata=_error_details(error)))
-    status = status_pb2.Status(code=code.value[0], message=str(error), details=[info])
+    status = status_pb2.Status(code=code.value[0],
+                               message=_bounded(str(error), MAX_STATUS_MESSAGE), details=[info])
     context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable: abort_with_status raises")
 
@@ -115,26 +136,34 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         # and a header conversion each, otherwise).
         self._last_message: tuple[GlobalModel, bytes] | None = None
 
-    def RegisterClient(self, request: pb.RegisterClientRequest,
+    def RegisterClient(self, request: pb.RegisterClientRequest | wire.Unparseable,
                        context: grpc.ServicerContext) -> pb.RegisterClientResponse:
         with _status_from_errors(context, "RegisterClient"):
-            reg = self._coordinator.register(request.client_name)
+            request = _parsed(request)
+            specs = None
+            if request.tensors:  # optional: the client's model, checked before it joins
+                codec.check_spec_count(request.tensors, self._coordinator.specs)
+                specs = codec.specs_from_proto(request.tensors)
+            reg = self._coordinator.register(request.client_name, specs)
+            config = self._config
             return pb.RegisterClientResponse(
                 client_id=reg.client_id, first_round=reg.first_round,
                 model_round=reg.model_round, max_unary_payload=codec.MAX_CHUNK_SIZE,
-                total_rounds=self._config.total_rounds,
-                min_clients=self._config.min_clients,
+                total_rounds=config.total_rounds, clients=config.clients,
+                min_clients=config.min_clients, round_timeout=config.round_timeout or 0.0,
                 tensors=codec.specs_to_proto(self._coordinator.specs))
 
     def SendUpdate(self, request_iterator: Iterator[wire.Parts[pb.UpdateHeader]],
                    context: grpc.ServicerContext) -> pb.SendUpdateResponse:
         with _status_from_errors(context, "SendUpdate"):
-            header = _read_header(request_iterator)
-            return _ack(self._coordinator.submit(header, _data_chunks(request_iterator)))
+            header = self._header(_first_header(request_iterator))
+            return _ack(self._coordinator.submit(header, _data_chunks(request_iterator),
+                                                 _call_alive(context)))
 
-    def GetAveragedModel(self, request: pb.GetAveragedModelRequest,
+    def GetAveragedModel(self, request: pb.GetAveragedModelRequest | wire.Unparseable,
                          context: grpc.ServicerContext) -> Iterator[bytes]:
         with _status_from_errors(context, "GetAveragedModel"):
+            request = _parsed(request)
             model = self._coordinator.wait_for_model(request.client_id, request.round,
                                                      context.time_remaining)
         if model is None:
@@ -142,16 +171,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         yield from wire.stream(codec.model_header_to_proto(model.header), [model.payload],
                                self._chunk_size)
 
-
     def SendUpdateUnary(self, request: wire.Parts[pb.UpdateHeader],
                         context: grpc.ServicerContext) -> pb.SendUpdateResponse:
         with _status_from_errors(context, "SendUpdateUnary"):
-            header, data = _unary_update(request)
-            return _ack(self._coordinator.submit(header, [data]))
+            header, data = self._unary_update(request)
+            return _ack(self._coordinator.submit(header, [data], _call_alive(context)))
 
-    def GetAveragedModelUnary(self, request: pb.GetAveragedModelRequest,
+    def GetAveragedModelUnary(self, request: pb.GetAveragedModelRequest | wire.Unparseable,
                               context: grpc.ServicerContext) -> bytes:
         with _status_from_errors(context, "GetAveragedModelUnary"):
+            request = _parsed(request)
             _check_unary_size(codec.payload_size(self._coordinator.specs))
             model = self._coordinator.wait_for_model(request.client_id, request.round,
                                                      context.time_remaining)
@@ -160,11 +189,27 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def ExchangeUnary(self, request: wire.Parts[pb.UpdateHeader],
                       context: grpc.ServicerContext) -> bytes:
         with _status_from_errors(context, "ExchangeUnary"):
-            header, data = _unary_update(request)
-            accepted = self._coordinator.submit(header, [data])
+            header, data = self._unary_update(request)
+            accepted = self._coordinator.submit(header, [data], _call_alive(context))
             model = self._coordinator.wait_for_model(header.client_id, accepted.round,
                                                      context.time_remaining)
         return self._model_message(model, accepted.round, context)
+
+    def _header(self, message: pb.UpdateHeader) -> codec.UpdateHeader:
+        # The spec count first: 100,000 specs are refused before any is decoded.
+        return codec.update_header_from_proto(message, self._coordinator.specs)
+
+    def _unary_update(self, request: wire.Parts[pb.UpdateHeader],
+                      ) -> tuple[codec.UpdateHeader, memoryview]:
+        if request.error is not None:
+            raise DecodeError(request.error)
+        if request.header is None:
+            raise DecodeError("the UpdateMessage has no header: field 1 (UpdateHeader) "
+                              "must be set")
+        header = self._header(request.header)
+        data = request.data if request.data is not None else memoryview(b"")
+        _check_unary_size(len(data))
+        return header, data
 
     def _model_message(self, model: GlobalModel | None, round: int,
                        context: grpc.ServicerContext) -> bytes:
@@ -194,24 +239,30 @@ def _check_unary_size(size: int) -> None:
         raise PayloadTooLargeError(size, codec.MAX_CHUNK_SIZE)
 
 
-def _unary_update(request: wire.Parts[pb.UpdateHeader]) -> tuple[codec.UpdateHeader, memoryview]:
-    if request.error is not None:
+def _parsed(request: M | wire.Unparseable) -> M:
+    if isinstance(request, wire.Unparseable):
         raise DecodeError(request.error)
-    # An absent header reads as the empty one, as protobuf's own parse has it.
-    header = codec.update_header_from_proto(
-        request.header if request.header is not None else pb.UpdateHeader())
-    data = request.data if request.data is not None else memoryview(b"")
-    _check_unary_size(len(data))
-    return header, data
+    return request
 
 
-def _read_header(requests: Iterator[wire.Parts[pb.UpdateHeader]]) -> codec.UpdateHeader:
+def _call_alive(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """Whether the call can still be answered: not cancelled, not past its
+    deadline. Asked at the last moment before an update is committed."""
+
+    def alive() -> bool:
+        remaining = context.time_remaining()
+        return context.is_active() and (remaining is None or remaining > 0)
+
+    return alive
+
+
+def _first_header(requests: Iterator[wire.Parts[pb.UpdateHeader]]) -> pb.UpdateHeader:
     first = next(requests, None)
     if first is not None and first.error is not None:
         raise DecodeError(first.error)
     if first is None or first.header is None:
         raise DecodeError("a SendUpdate stream must start with an UpdateHeader")
-    return codec.update_header_from_proto(first.header)
+    return first.header
 
 
 def _data_chunks(requests: Iterator[wire.Parts[pb.UpdateHeader]]) -> Iterator[memoryview]:
@@ -231,18 +282,21 @@ def _method_handlers(servicer: ParameterServerServicer,
     messages, which go through `wire` (no protobuf copies of the payload)."""
     update = wire.Decoder(pb.UpdateMessage, pb.UpdateHeader)
     chunk = wire.Decoder(pb.SendUpdateRequest, pb.UpdateHeader)
+    # No deserializer may raise (gRPC would answer INTERNAL): unparseable
+    # bytes reach the handler, which refuses them with INVALID_ARGUMENT.
+    register = wire.lenient(pb.RegisterClientRequest)
+    model_request = wire.lenient(pb.GetAveragedModelRequest)
     return {
         "RegisterClient": grpc.unary_unary_rpc_method_handler(
-            servicer.RegisterClient, pb.RegisterClientRequest.FromString,
-            pb.RegisterClientResponse.SerializeToString),
+            servicer.RegisterClient, register, pb.RegisterClientResponse.SerializeToString),
         "SendUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.SendUpdate, chunk, pb.SendUpdateResponse.SerializeToString),
         "GetAveragedModel": grpc.unary_stream_rpc_method_handler(
-            servicer.GetAveragedModel, pb.GetAveragedModelRequest.FromString, wire.encoded),
+            servicer.GetAveragedModel, model_request, wire.encoded),
         "SendUpdateUnary": grpc.unary_unary_rpc_method_handler(
             servicer.SendUpdateUnary, update, pb.SendUpdateResponse.SerializeToString),
         "GetAveragedModelUnary": grpc.unary_unary_rpc_method_handler(
-            servicer.GetAveragedModelUnary, pb.GetAveragedModelRequest.FromString, wire.encoded),
+            servicer.GetAveragedModelUnary, model_request, wire.encoded),
         "ExchangeUnary": grpc.unary_unary_rpc_method_handler(
             servicer.ExchangeUnary, update, wire.encoded),
     }
@@ -275,8 +329,9 @@ class RunningServer:
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: health goes NOT_SERVING, waiters are released with
-        UNAVAILABLE, a running aggregation finishes and is written, new calls
-        get UNAVAILABLE, in-flight calls get `grace` seconds."""
+        UNAVAILABLE, new calls get UNAVAILABLE, in-flight calls get `grace`
+        seconds, a running aggregation finishes and is written, and only then
+        is the state dir released (another server may take it from there)."""
         self.health.enter_graceful_shutdown()
         self.coordinator.shutdown()
         self.server.stop(grace).wait()
@@ -285,32 +340,71 @@ class RunningServer:
         # process ("terminate called without an active exception", seen once
         # in the SIGTERM chaos test).
         self.executor.shutdown(wait=True)
+        self.coordinator.close()
+
+
+class BindError(OSError):
+    """The server cannot listen on its address (in use, or not ours)."""
 
 
 def create_server(config: ServerConfig, initial_model: Mapping[str, torch.Tensor],
-                  address: str = "127.0.0.1:0") -> RunningServer:
+                  address: str = "127.0.0.1:0", clock: Clock | None = None) -> RunningServer:
     """Builds and starts a server bound to `address` (port 0 picks a free port),
-    resuming from `config.state_dir` if it holds an earlier run.
+    resuming from `config.state_dir` if it holds an earlier run. Raises
+    BindError if it cannot listen there, StateDirError if the state dir cannot
+    be used; either way nothing is left running or locked.
 
     Every client may hold one call waiting at the barrier (the coordinator caps
     waiters at `capacity`), so the pool has a thread per client plus room for
     the uploads that release them."""
-    coordinator = Coordinator(config, initial_model)
+    health_servicer = health.HealthServicer()
+    config = dataclasses.replace(config, on_storage=_storage_to_health(
+        health_servicer, config.on_storage))
+    coordinator = Coordinator(config, initial_model, clock)
     workers = config.capacity + 16
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                      thread_name_prefix="rpc")
-    server = grpc.server(executor, maximum_concurrent_rpcs=workers * 2, options=SERVER_OPTIONS)
-    servicer = ParameterServerServicer(coordinator, config.chunk_size, config)
-    handlers = _method_handlers(servicer)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        coordinator.shutdown()
-        raise OSError(f"cannot bind {address}")
-    server.start()
+    try:
+        server = grpc.server(executor, maximum_concurrent_rpcs=workers * 2,
+                             options=SERVER_OPTIONS)
+        handlers = _method_handlers(ParameterServerServicer(coordinator, config.chunk_size,
+                                                            config))
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = _bind(server, address)
+        server.start()
+    except BaseException:
+        executor.shutdown(wait=False)
+        coordinator.close()
+        raise
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, coordinator, health_servicer, executor)
+
+
+def _bind(server: grpc.Server, address: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        port = 0
+    if port == 0:
+        raise BindError(f"cannot listen on {address}: the address is in use or not this "
+                        "machine's")
+    return port
+
+
+def _storage_to_health(servicer: health.HealthServicer,
+                       then: Callable[[bool], None] | None) -> Callable[[bool], None]:
+    """Health follows the state dir: NOT_SERVING while it refuses writes."""
+
+    def on_storage(ok: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if ok
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            servicer.set(name, status)
+        if then is not None:
+            then(ok)
+
+    return on_storage

@@ -24,11 +24,12 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from paramserver import codec
-from paramserver.averaging import fold, weight_fractions
+from paramserver.averaging import Weights, fold
 from paramserver.codec import ModelSpec, payload_size, tensor_view
 from paramserver.errors import DecodeError
 from paramserver.v1 import parameter_server_pb2 as pb
@@ -178,15 +179,16 @@ class Spool:
         return found
 
 
+def read_update_header(path: Path) -> codec.UpdateHeader:
+    """The header of an update file, its payload unread. Raises DecodeError, OSError."""
+    with open(path, "rb") as f:
+        return _read_header(f, path)[0]
+
+
 def read_update(path: Path, specs: ModelSpec) -> SpooledUpdate:
     """Parses and verifies an update file. Raises DecodeError, OSError."""
     with open(path, "rb") as f:
-        prefix = f.read(len(UPDATE_MAGIC) + 4)
-        if len(prefix) != len(UPDATE_MAGIC) + 4 or not prefix.startswith(UPDATE_MAGIC):
-            raise DecodeError(f"{path.name}: not an update file")
-        (length,) = struct.unpack("<I", prefix[len(UPDATE_MAGIC):])
-        header = codec.update_header_from_proto(
-            codec.parse_message(pb.UpdateHeader, f.read(length)))
+        header, offset = _read_header(f, path)
         codec.check_specs_match(header.specs, specs)
         digest = hashlib.sha256()
         size = 0
@@ -195,7 +197,17 @@ def read_update(path: Path, specs: ModelSpec) -> SpooledUpdate:
             size += len(chunk)
     if size != payload_size(specs) or digest.digest() != header.sha256:
         raise DecodeError(f"{path.name}: payload does not match its header")
-    return SpooledUpdate(path, len(UPDATE_MAGIC) + 4 + length, header)
+    return SpooledUpdate(path, offset, header)
+
+
+def _read_header(f: BinaryIO, path: Path) -> tuple[codec.UpdateHeader, int]:
+    prefix = f.read(len(UPDATE_MAGIC) + 4)
+    if len(prefix) != len(UPDATE_MAGIC) + 4 or not prefix.startswith(UPDATE_MAGIC):
+        raise DecodeError(f"{path.name}: not an update file")
+    (length,) = struct.unpack("<I", prefix[len(UPDATE_MAGIC):])
+    header = codec.update_header_from_proto(
+        codec.parse_message(pb.UpdateHeader, f.read(length)))
+    return header, len(prefix) + length
 
 
 def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
@@ -208,7 +220,7 @@ def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
     still gets exactly the same operations, so the bits do not depend on it.
 
     Raises AveragingError for bad weights; OSError if a file is unreadable."""
-    fractions = weight_fractions([u.num_examples for u in updates])
+    weights = Weights.of([u.num_examples for u in updates])
     out = bytearray(payload_size(specs))
     out_view = memoryview(out)
     files = [open(u.path, "rb") for u in updates]  # noqa: SIM115 - closed below
@@ -217,7 +229,7 @@ def aggregate(specs: ModelSpec, updates: Sequence[SpooledUpdate],
 
         def fold_block(block: tuple[int, int, torch.dtype]) -> None:
             start, size, dtype = block
-            result = fold(fractions, functools.partial(_read_blocks, fds, start, size, dtype),
+            result = fold(weights, functools.partial(_read_blocks, fds, start, size, dtype),
                           dtype)
             out_view[start:start + size] = tensor_view(result)
 

@@ -52,12 +52,16 @@ def write_atomic(path: Path, data: bytes | Sequence[Buffer], durable: bool = Tru
                  before_rename: Callable[[], None] | None = None) -> None:
     """`data` may be a list of pieces, written in order (no concatenated copy)."""
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as f:
-        for piece in [data] if isinstance(data, bytes) else data:
-            f.write(piece)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        with open(temp, "wb") as f:
+            for piece in [data] if isinstance(data, bytes) else data:
+                f.write(piece)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError:  # a full disk: leave no partial file behind
+        temp.unlink(missing_ok=True)
+        raise
     if before_rename is not None:
         before_rename()
     os.replace(temp, path)
@@ -72,9 +76,13 @@ class StateDir:
     def __init__(self, root: Path, durable: bool = True) -> None:
         self.root = root
         self.durable = durable
-        root.mkdir(parents=True, exist_ok=True)
-        # One server per state dir: a second one would interleave two runs.
-        self._lock = open(root / LOCK_FILE, "w")  # noqa: SIM115 - held for the process's life
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            # One server per state dir: a second one would interleave two runs.
+            self._lock = open(root / LOCK_FILE, "w")  # noqa: SIM115 - held until close()
+        except OSError as error:
+            raise StateDirError(f"cannot use {root} as the state dir: "
+                                f"{error.strerror or error}") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,6 +90,7 @@ class StateDir:
             raise StateDirError(f"state dir {root} is in use by another server") from None
 
     def close(self) -> None:
+        """Releases the lock: the last thing a stopping server does."""
         self._lock.close()
 
     def check_run(self, run: Mapping[str, object]) -> None:
@@ -143,16 +152,6 @@ class StateDir:
     def write_json(self, path: Path, value: object) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(value).encode(), self.durable)
-
-    def save_cohort(self, round: int, cohort: frozenset[str], directory: Path) -> None:
-        self.write_json(directory / "cohort.json", {"round": round, "cohort": sorted(cohort)})
-
-    @staticmethod
-    def load_cohort(directory: Path) -> frozenset[str] | None:
-        path = directory / "cohort.json"
-        if not path.exists():
-            return None
-        return frozenset(json.loads(path.read_text())["cohort"])
 
 
 def _parse_model(data: bytes) -> StoredModel:

@@ -43,7 +43,20 @@ def big() -> nn.Module:
     return nn.Linear(5000, 5000, bias=False)
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn, "big": big}
+@dataclass(frozen=True)
+class ModelKind:
+    """A built-in model and the shape of the data it trains on."""
+
+    build: Callable[[], nn.Module]
+    features: int
+    classes: int
+
+
+MODELS: dict[str, ModelKind] = {
+    "mlp": ModelKind(mlp, INPUTS, CLASSES),
+    "cnn": ModelKind(cnn, INPUTS, CLASSES),
+    "big": ModelKind(big, 5000, 5000),
+}
 
 
 @dataclass(frozen=True)
@@ -58,10 +71,14 @@ class TrainConfig:
 
 def build_model(name: str, seed: int) -> nn.Module:
     """The initial global model: the same parameters for the same seed."""
+    torch.manual_seed(seed)
+    return _kind(name).build()
+
+
+def _kind(name: str) -> ModelKind:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    torch.manual_seed(seed)
-    return MODELS[name]()
+    return MODELS[name]
 
 
 def _generator(*parts: object) -> torch.Generator:
@@ -69,21 +86,26 @@ def _generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
 
 
-def _teacher(seed: int) -> nn.Module:
-    gen = _generator("teacher", seed)
+def _teacher(seed: int, kind: ModelKind) -> nn.Module:
+    default = (kind.features, kind.classes) == (INPUTS, CLASSES)
+    gen = _generator("teacher", seed) if default else _generator("teacher", seed, kind.features)
     # Linear, so that a few rounds on a few thousand examples visibly learn it.
-    teacher = nn.Linear(INPUTS, CLASSES)
+    teacher = nn.Linear(kind.features, kind.classes)
     with torch.no_grad():
         for param in teacher.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
     return teacher
 
 
-def make_dataset(seed: int, name: str, examples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`examples` inputs and teacher labels, seeded by (seed, name)."""
-    x = torch.randn(examples, INPUTS, generator=_generator("data", seed, name))
+def make_dataset(seed: int, name: str, examples: int,
+                 model: str = "mlp") -> tuple[torch.Tensor, torch.Tensor]:
+    """`examples` inputs of the width `model` takes and teacher labels over its
+    classes, seeded by (seed, name)."""
+    kind = _kind(model)
+    parts = ("data", seed, name) if kind.features == INPUTS else ("data", seed, name, model)
+    x = torch.randn(examples, kind.features, generator=_generator(*parts))
     with torch.no_grad():
-        y = _teacher(seed)(x).argmax(dim=1)
+        y = _teacher(seed, kind)(x).argmax(dim=1)
     return x, y
 
 
@@ -123,7 +145,7 @@ def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> dict[
 def make_evaluator(model_name: str, seed: int, examples: int = 2000,
                    ) -> Callable[[Mapping[str, torch.Tensor]], dict[str, float]]:
     """Evaluates a global model's state_dict on the seed's held-out test set."""
-    test_set = make_dataset(seed, "<test set>", examples)  # not a valid client name
+    test_set = make_dataset(seed, "<test set>", examples, model_name)  # not a client name
     model = build_model(model_name, seed)
 
     def evaluator(state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:

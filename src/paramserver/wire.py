@@ -20,7 +20,7 @@ Imports the generated messages; must not import grpc or do any I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -53,6 +53,30 @@ class Parts(Generic[H]):
     header: H | None = None
     data: memoryview | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Unparseable:
+    """A request that did not parse, for the servicer to refuse."""
+
+    error: str
+
+
+M = TypeVar("M", bound=Message)
+
+
+def lenient(message_cls: type[M]) -> Callable[[bytes], M | Unparseable]:
+    """A deserializer for `message_cls` that never raises (gRPC answers
+    INTERNAL if a deserializer raises): bytes that do not parse, e.g. a
+    truncated field or a string that is not UTF-8, become an Unparseable."""
+
+    def parse(raw: bytes) -> M | Unparseable:
+        try:
+            return message_cls.FromString(raw)
+        except Exception as error:  # any parse failure: the peer sent bad bytes
+            return Unparseable(f"cannot parse {message_cls.__name__}: {error}")
+
+    return parse
 
 
 def encode(header: Message | None, data: Sequence[Buffer] | None) -> bytes:

@@ -93,9 +93,11 @@ class ServerProcess:
         """The round log once it has `count` records. (A client can see a round's
         model a moment before the server has appended its record.)"""
         def ready() -> list[dict[str, Any]] | None:
-            self._check_alive()
             rounds = self.rounds()
-            return rounds if len(rounds) >= count else None
+            if len(rounds) >= count:  # a finished server may have exited by now
+                return rounds
+            self._check_alive()
+            return None
 
         return wait_for(ready, timeout, f"{count} records in {self.round_log_path}")
 
@@ -104,13 +106,20 @@ class ServerProcess:
         regex = re.compile(pattern)
 
         def found() -> re.Match[str] | None:
-            self._check_alive()
-            return regex.search(self.log())
+            match = regex.search(self.log())
+            if match is None:
+                self._check_alive()
+            return match
 
         return wait_for(found, timeout, f"/{pattern}/ in {self.log_path}")
 
     def assert_alive(self) -> None:
         self._check_alive()
+
+    def assert_alive_or_finished(self) -> None:
+        """Serving, or exited 0 by itself after the last round."""
+        if self.process.poll() not in (None, 0):
+            raise AssertionError(f"server exited with {self.process.returncode}\n{self.log()}")
 
     def spool_files(self) -> list[Path]:
         """Update files, committed or partial (not the round bookkeeping files)."""

@@ -423,7 +423,7 @@ def test_invalid_client_names(server_factory: ServerFactory,
     channel = process_stack.enter_context(grpc.insecure_channel(server.address))
     stub = make_stub(channel)
     first = stub.RegisterClient(pb.RegisterClientRequest(client_name=ALICE), timeout=CALL_TIMEOUT)
-    assert (first.client_id, first.first_round, first.min_clients, first.total_rounds) == (
+    assert (first.client_id, first.first_round, first.clients, first.total_rounds) == (
         ALICE, 1, 2, 0)
     assert codec.specs_from_proto(first.tensors) == codec.spec_of(initial_model())
 

@@ -63,62 +63,67 @@ Snapshot = tuple[Any, ...]
 
 def snapshot(machine: RoundMachine[str]) -> Snapshot:
     """Everything the machine holds, by value."""
-    return (machine.min_clients, machine.total_rounds, machine.capacity, machine.round_timeout,
-            machine.quorum, machine.phase, machine.open_round, machine.published_round,
-            machine.opened_at, dict(machine.clients), set(machine.inactive), machine.cohort,
-            dict(machine.received), dict(machine.last_digests))
+    return (machine.clients, machine.total_rounds, machine.capacity, machine.round_timeout,
+            machine.min_clients, machine.phase, machine.open_round, machine.published_round,
+            machine.opened_at, machine.first_update_at, dict(machine.registered),
+            set(machine.inactive), machine.cohort, dict(machine.received),
+            dict(machine.last_digests), machine.last_cohort_size)
 
 
 @dataclass
 class Model:
     """The barrier as the rounds module docstring describes it, written naively."""
 
-    min_clients: int
+    clients: int  # registrations round 1 waits for
     total_rounds: int
     capacity: int
     round_timeout: float | None
-    quorum: int
+    min_clients: int  # the quorum
     phase: Phase = Phase.WAITING_FOR_CLIENTS
-    clients: dict[str, int] = field(default_factory=dict)  # name -> open round at registration
+    registered: dict[str, int] = field(default_factory=dict)  # name -> open round then
     inactive: set[str] = field(default_factory=set)  # dropouts until they register again
     open_round: int = 1
     published_round: int = 0
     opened_at: float | None = None
+    first_update_at: float | None = None  # the round's clock starts with its first update
     cohort: set[str] = field(default_factory=set)
     sent: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # -> (digest, payload)
     # The digests of the last published round: resending one of them (an upload
     # whose acknowledgement was lost) is acknowledged as a duplicate.
     last_digests: dict[str, bytes] = field(default_factory=dict)
+    last_cohort_size: int = 0
 
     @property
     def active(self) -> set[str]:
-        return set(self.clients) - self.inactive
+        return set(self.registered) - self.inactive
 
     @property
     def deadline(self) -> float | None:
-        if self.phase is not Phase.COLLECTING or self.round_timeout is None:
+        if (self.round_timeout is None or self.first_update_at is None
+                or self.phase not in (Phase.WAITING_FOR_CLIENTS, Phase.COLLECTING)):
             return None
-        assert self.opened_at is not None
-        return self.opened_at + self.round_timeout
+        return self.first_update_at + self.round_timeout
 
     def needed_to_open(self) -> int:
-        return self.min_clients if self.open_round == 1 else self.quorum
+        return self.clients if self.open_round == 1 else self.min_clients
 
     def open(self, now: float) -> None:
         self.phase = Phase.COLLECTING
         self.cohort = self.active
-        self.opened_at = now  # updates sent while it waited stay
+        self.opened_at = now  # updates sent while it waited stay, and so does their clock
 
     def expected(self) -> int:
-        return len(self.active if self.phase is Phase.WAITING_FOR_CLIENTS else self.cohort)
+        # While the round waits for clients its cohort is unknown: 0, never a guess.
+        return 0 if self.phase is Phase.WAITING_FOR_CLIENTS else len(self.cohort)
 
     def next_round(self, now: float) -> None:
         self.sent = {}
         self.cohort = set()
+        self.first_update_at = None
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:
             self.phase = Phase.FINISHED
-        elif len(self.active) >= self.quorum:
+        elif len(self.active) >= self.min_clients:
             self.open(now)
         else:
             self.phase = Phase.WAITING_FOR_CLIENTS
@@ -129,7 +134,7 @@ class Model:
 
 def is_late_retry(model: Model, client: str, round: int, digest: bytes) -> bool:
     """The identical update again for the round that was just published."""
-    return (client in model.clients and round == model.published_round
+    return (client in model.registered and round == model.published_round
             and model.last_digests.get(client) == digest)
 
 
@@ -137,7 +142,7 @@ def expected_submit_error(model: Model, client: str, round: int,
                           digest: bytes) -> type[ParamServerError] | None:
     """The error a submit must raise, or None if it must be acknowledged. A
     base class (RoundError) means any of its subclasses."""
-    if client not in model.clients:
+    if client not in model.registered:
         return UnknownClientError
     if model.phase is Phase.FINISHED and round >= model.open_round:
         return RunFinishedError
@@ -160,7 +165,7 @@ def expected_submit_error(model: Model, client: str, round: int,
 
 
 def expected_status(model: Model, client: str, round: int) -> ModelStatus | type[ParamServerError]:
-    if client not in model.clients:
+    if client not in model.registered:
         return UnknownClientError
     if round == model.published_round:
         return ModelStatus.READY
@@ -220,18 +225,18 @@ class BarrierMachine(RuleBasedStateMachine):
         assert snapshot(self.m) == before, f"{info.value!r} changed the state"
         return info.value
 
-    @initialize(min_clients=st.integers(1, 3), quorum=st.integers(1, 3),
+    @initialize(clients=st.integers(1, 3), quorum=st.integers(1, 3),
                 total_rounds=st.integers(0, 3), spare=st.integers(0, 4),
                 round_timeout=st.sampled_from([None, 3.0, 8.0, 20.0]),
                 first=st.lists(st.sampled_from(VALID_NAMES), unique=True, max_size=4))
-    def start(self, min_clients: int, quorum: int, total_rounds: int, spare: int,
+    def start(self, clients: int, quorum: int, total_rounds: int, spare: int,
               round_timeout: float | None, first: list[str]) -> None:
-        quorum = min(quorum, min_clients)
-        capacity = min_clients + spare
-        self.machine = RoundMachine(min_clients=min_clients, total_rounds=total_rounds,
+        quorum = min(quorum, clients)
+        capacity = clients + spare
+        self.machine = RoundMachine(clients=clients, total_rounds=total_rounds,
                                     capacity=capacity, round_timeout=round_timeout,
-                                    quorum=quorum)
-        self.model = Model(min_clients, total_rounds, capacity, round_timeout, quorum)
+                                    min_clients=quorum)
+        self.model = Model(clients, total_rounds, capacity, round_timeout, quorum)
         for name in first:  # a head start, checked like any registration
             self.register(name)
 
@@ -243,14 +248,14 @@ class BarrierMachine(RuleBasedStateMachine):
         if name in INVALID_NAMES:
             self.refused(self.m.register, InvalidClientNameError, name, now)
             return
-        is_new = name not in model.clients
-        if is_new and len(model.clients) >= model.capacity:
+        is_new = name not in model.registered
+        if is_new and len(model.registered) >= model.capacity:
             error = self.refused(self.m.register, CapacityError, name, now)
             assert isinstance(error, CapacityError)
             assert error.capacity == model.capacity
             return
         # Known names keep their slot and become active again.
-        model.clients.setdefault(name, model.open_round)
+        model.registered.setdefault(name, model.open_round)
         model.inactive.discard(name)
         if model.phase is Phase.WAITING_FOR_CLIENTS:
             first = model.open_round
@@ -299,29 +304,32 @@ class BarrierMachine(RuleBasedStateMachine):
         self.check_submit(client, self.md.published_round, digest)
 
     def check_submit(self, client: str, round: int, digest: bytes) -> None:
-        model = self.md
-        payload = f"{client}/{round}/{digest.hex()[:2]}/{self.clock()}"
+        model, now = self.md, self.clock()
+        payload = f"{client}/{round}/{digest.hex()[:2]}/{now}"
         if is_late_retry(model, client, round, digest):
             before = snapshot(self.m)
             n = len(model.last_digests)
-            assert self.m.submit(client, round, digest, payload) == Accepted(round, True, n, n)
+            assert self.m.submit(client, round, digest, payload, now) == Accepted(
+                round, True, n, model.last_cohort_size)
             assert snapshot(self.m) == before, "a late duplicate changed the state"
             return
         error = expected_submit_error(model, client, round, digest)
         if error is not None:
-            raised = self.refused(self.m.submit, error, client, round, digest, payload)
+            raised = self.refused(self.m.submit, error, client, round, digest, payload, now)
             if isinstance(raised, RoundError):
                 assert (raised.client_id, raised.round) == (client, round)
                 assert raised.open_round == model.open_round
             return
         before = snapshot(self.m)
-        accepted = self.m.submit(client, round, digest, payload)
+        accepted = self.m.submit(client, round, digest, payload, now)
         if client in model.sent:  # the same update again: a duplicate
             assert accepted == Accepted(round, True, len(model.sent), model.expected()), accepted
             assert snapshot(self.m) == before, "a duplicate changed the state"
             return
         assert model.phase in (Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS)
         model.sent[client] = (digest, payload)
+        if model.first_update_at is None:
+            model.first_update_at = now
         assert accepted.round == round
         assert not accepted.duplicate
         assert (accepted.received, accepted.expected) == (len(model.sent), model.expected())
@@ -344,11 +352,15 @@ class BarrierMachine(RuleBasedStateMachine):
             assert outcome is None
             assert snapshot(self.m) == before, "a tick before the deadline changed the state"
             return
-        # The deadline passed: cohort members that sent nothing drop out; the
-        # round closes with what it has at quorum, else it is aborted.
+        # The deadline passed: the round (its active clients standing in for
+        # the cohort if it never opened) drops the members that sent nothing,
+        # then closes with what it has at quorum, else it is aborted. Either
+        # way nobody waits on this round any more.
         round = model.open_round
+        if model.phase is Phase.WAITING_FOR_CLIENTS:
+            model.cohort, model.opened_at = model.active, now
         model.inactive |= model.cohort - set(model.sent)
-        if len(model.sent) >= model.quorum:
+        if len(model.sent) >= model.min_clients:
             model.phase = Phase.AGGREGATING
             assert outcome == Accepted(round, False, len(model.sent), len(model.cohort),
                                        model.closed_updates())
@@ -357,6 +369,7 @@ class BarrierMachine(RuleBasedStateMachine):
         else:
             assert outcome == Aborted(round, model.closed_updates())
             model.next_round(now)
+        assert self.m.phase is Phase.AGGREGATING or self.m.open_round == round + 1
 
     @precondition(lambda self: self.model is not None and self.md.phase is Phase.AGGREGATING)
     @rule()
@@ -365,11 +378,12 @@ class BarrierMachine(RuleBasedStateMachine):
         # No round opens before every update of the round before is in (or its
         # deadline closed it at quorum).
         assert set(model.sent) == model.cohort or self.closed_at_deadline
-        assert len(model.sent) >= model.quorum
+        assert len(model.sent) >= model.min_clients
         assert self.closed_rounds[-1:] == [model.open_round]
         self.m.published(model.open_round, now)
         model.published_round = model.open_round
         model.last_digests = {c: digest for c, (digest, _) in model.sent.items()}
+        model.last_cohort_size = len(model.cohort)
         model.next_round(now)
 
     @rule(delta=st.integers(-2, 2))
@@ -402,10 +416,12 @@ class BarrierMachine(RuleBasedStateMachine):
         assert m.open_round == model.open_round
         assert m.published_round == model.published_round
         assert m.opened_at == model.opened_at
-        assert m.clients == model.clients
+        assert m.first_update_at == model.first_update_at
+        assert m.registered == model.registered
         assert m.inactive == model.inactive
         assert m.active == frozenset(model.active)
         assert m.last_digests == model.last_digests
+        assert m.last_cohort_size == model.last_cohort_size
         assert m.cohort == frozenset(model.cohort)
         assert {c: (u.digest, u.payload) for c, u in m.received.items()} == model.sent
         assert all(c == u.client_id for c, u in m.received.items())
@@ -417,20 +433,20 @@ class BarrierMachine(RuleBasedStateMachine):
             return
         m = self.m
         assert m.published_round <= m.open_round - 1
-        assert len(m.clients) <= m.capacity
-        assert m.inactive <= m.clients.keys()
-        assert m.cohort <= m.clients.keys()
+        assert len(m.registered) <= m.capacity
+        assert m.inactive <= m.registered.keys()
+        assert m.cohort <= m.registered.keys()
         if m.phase is not Phase.WAITING_FOR_CLIENTS:
             assert m.received.keys() <= m.cohort
         if m.phase is Phase.WAITING_FOR_CLIENTS:
-            needed = m.min_clients if m.open_round == 1 else m.quorum
+            needed = m.clients if m.open_round == 1 else m.min_clients
             assert len(m.active) < needed
             assert not m.cohort
             assert m.received.keys() <= m.active  # early updates of its cohort-to-be
         elif m.phase is Phase.COLLECTING:
             assert m.received.keys() < m.cohort <= m.active
         elif m.phase is Phase.AGGREGATING:
-            assert len(m.received) >= m.quorum
+            assert len(m.received) >= m.min_clients
         else:
             assert m.total_rounds
             assert m.open_round == m.total_rounds + 1
@@ -438,6 +454,19 @@ class BarrierMachine(RuleBasedStateMachine):
             assert not m.received
         # Rounds close in order, at most once each.
         assert self.closed_rounds == sorted(set(self.closed_rounds))
+
+    @invariant()
+    def nobody_waits_without_a_deadline(self) -> None:
+        """With a round timeout, every round that holds an update (its sender
+        waits at the barrier), open or still waiting for clients, has a
+        deadline: a dead client holds up one round at most."""
+        if self.machine is None or self.machine.round_timeout is None:
+            return
+        m, timeout = self.machine, self.machine.round_timeout
+        if m.received and m.phase in (Phase.WAITING_FOR_CLIENTS, Phase.COLLECTING):
+            assert m.deadline is not None, f"round {m.open_round} waits with no clock"
+            assert m.first_update_at is not None
+            assert m.deadline == m.first_update_at + timeout
 
 
 # Shrinking a failing run of the machine takes a minute or more (hypothesis
@@ -453,7 +482,7 @@ def test_a_dropout_is_told_its_round_closed_at_the_deadline(min_clients: int,
     that had not sent is refused with a RoundError (its round is over), not with
     IllegalTransitionError, which tells the transport it has a bug."""
     quorum = data.draw(st.integers(1, min_clients - 1), label="quorum")
-    machine: RoundMachine[str] = RoundMachine(min_clients=min_clients, quorum=quorum,
+    machine: RoundMachine[str] = RoundMachine(clients=min_clients, min_clients=quorum,
                                               round_timeout=TIMEOUT)
     names = [f"c{i}" for i in range(min_clients)]
     for name in names:
@@ -462,7 +491,7 @@ def test_a_dropout_is_told_its_round_closed_at_the_deadline(min_clients: int,
     cut = data.draw(st.integers(quorum, min_clients - 1), label="senders")
     senders, dropouts = order[:cut], order[cut:]
     for name in senders:
-        machine.submit(name, 1, b"\x00", name)
+        machine.submit(name, 1, b"\x00", name, 0.0)
     outcome = machine.tick(TIMEOUT)
     assert isinstance(outcome, Accepted)
     assert outcome.closed is not None
@@ -471,7 +500,7 @@ def test_a_dropout_is_told_its_round_closed_at_the_deadline(min_clients: int,
     assert machine.inactive == set(dropouts)
     late = data.draw(st.sampled_from(dropouts), label="late client")
     before = snapshot(machine)
-    _, error = attempt(partial(machine.submit, late, 1, b"\x01", "late"))
+    _, error = attempt(partial(machine.submit, late, 1, b"\x01", "late", TIMEOUT))
     assert snapshot(machine) == before
     assert isinstance(error, RoundError), f"late update for a closed round: {error!r}"
 
@@ -483,7 +512,7 @@ def test_a_dropout_is_told_its_round_closed_at_the_deadline(min_clients: int,
        data=st.data())
 def test_a_run_finishes_after_total_rounds(min_clients: int, total_rounds: int, late: int,
                                            data: st.DataObject) -> None:
-    machine: RoundMachine[str] = RoundMachine(min_clients=min_clients,
+    machine: RoundMachine[str] = RoundMachine(clients=min_clients,
                                               total_rounds=total_rounds)
     names = [f"c{i}" for i in range(min_clients + late)]
     for i, name in enumerate(names[:min_clients]):
@@ -498,7 +527,7 @@ def test_a_run_finishes_after_total_rounds(min_clients: int, total_rounds: int, 
         assert machine.cohort == frozenset(cohort)
         order = data.draw(st.permutations(cohort), label=f"arrivals in round {round}")
         for i, name in enumerate(order):
-            accepted = machine.submit(name, round, b"d", f"{name}@{round}")
+            accepted = machine.submit(name, round, b"d", f"{name}@{round}", 0.0)
             assert (accepted.closed is None) == (i + 1 < len(order))
         assert accepted.closed is not None
         assert [u.client_id for u in accepted.closed] == sorted(cohort)
@@ -508,7 +537,7 @@ def test_a_run_finishes_after_total_rounds(min_clients: int, total_rounds: int, 
     assert machine.phase is Phase.FINISHED
     assert machine.open_round == total_rounds + 1
     with pytest.raises(RunFinishedError):
-        machine.submit(names[0], total_rounds + 1, b"d", "late")
+        machine.submit(names[0], total_rounds + 1, b"d", "late", 9.0)
     with pytest.raises(RunFinishedError):
         machine.model_status(names[0], total_rounds + 1)
     registration = machine.register("newcomer", 9.0)
@@ -533,6 +562,10 @@ TRANSITIONS: dict[tuple[Phase, str], frozenset[Phase]] = {
     (Phase.COLLECTING, "deadline"):
         frozenset({Phase.AGGREGATING, Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS,
                    Phase.FINISHED}),
+    # A round that never opened, at the deadline its early updates started.
+    (Phase.WAITING_FOR_CLIENTS, "deadline"):
+        frozenset({Phase.AGGREGATING, Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS,
+                   Phase.FINISHED}),
     (Phase.COLLECTING, "submit"): frozenset({Phase.COLLECTING, Phase.AGGREGATING}),
     # An early update while the round waits for clients; the barrier waits too.
     (Phase.WAITING_FOR_CLIENTS, "submit"): frozenset({Phase.WAITING_FOR_CLIENTS}),
@@ -542,46 +575,50 @@ TIMEOUT = 10.0
 
 def drive_to(phase: Phase, data: st.DataObject) -> RoundMachine[str]:
     """A machine brought to `phase` through its public inputs only (rounds
-    complete, or close or abort at their deadline)."""
-    min_clients = data.draw(st.integers(1, 3), label="min_clients")
-    quorum = data.draw(st.integers(1, min_clients), label="quorum")
+    complete, or close or abort at their deadline), sometimes with early
+    updates in a round that waits for clients."""
+    clients = data.draw(st.integers(1, 3), label="clients")
+    quorum = data.draw(st.integers(1, clients), label="quorum")
     rounds_done = data.draw(st.integers(0, 2), label="rounds done")
     total = max(1, rounds_done) if phase is Phase.FINISHED else 0
     machine: RoundMachine[str] = RoundMachine(
-        min_clients=min_clients, total_rounds=total, capacity=min_clients + 2,
+        clients=clients, total_rounds=total, capacity=clients + 2,
         round_timeout=data.draw(st.sampled_from([None, TIMEOUT]), label="timeout"),
-        quorum=quorum)
+        min_clients=quorum)
     now = 0.0
     if phase is Phase.WAITING_FOR_CLIENTS and (
-            min_clients == 1 or machine.round_timeout is None or data.draw(st.booleans())):
-        for i in range(data.draw(st.integers(0, min_clients - 1), label="registered")):
+            quorum < 2 or machine.round_timeout is None or data.draw(st.booleans())):
+        for i in range(data.draw(st.integers(0, clients - 1), label="registered")):
             machine.register(f"c{i}", now)
+        for name in sorted(machine.active)[:data.draw(st.integers(0, 2), label="early")]:
+            machine.submit(name, 1, b"\x00", "x", now)
         assert machine.phase is phase
         return machine
-    for i in range(min_clients):
+    for i in range(clients):
         machine.register(f"c{i}", now)
-    if phase is Phase.WAITING_FOR_CLIENTS:  # every client drops out of round 1
+    if phase is Phase.WAITING_FOR_CLIENTS:  # one update, below quorum: an abort
         assert machine.round_timeout is not None
+        machine.submit("c0", 1, b"\x00", "x", now)
         assert isinstance(machine.tick(now + TIMEOUT), Aborted)
         assert machine.phase is phase
         return machine
     for round in range(1, (total or rounds_done) + 1):
         for name in sorted(machine.cohort):
-            machine.submit(name, round, b"\x00", "x")
+            machine.submit(name, round, b"\x00", "x", now)
         now += 1.0
         machine.published(round, now)
     cohort = sorted(machine.cohort)
     if phase is Phase.COLLECTING:
         for name in cohort[:data.draw(st.integers(0, len(cohort) - 1), label="sent")]:
-            machine.submit(name, machine.open_round, b"\x00", "x")
+            machine.submit(name, machine.open_round, b"\x00", "x", now)
     elif phase is Phase.AGGREGATING:
         if machine.round_timeout is not None and data.draw(st.booleans(), label="by deadline"):
             for name in cohort[:data.draw(st.integers(quorum, len(cohort)), label="sent")]:
-                machine.submit(name, machine.open_round, b"\x00", "x")
+                machine.submit(name, machine.open_round, b"\x00", "x", now)
             machine.tick(now + TIMEOUT)
         else:
             for name in cohort:
-                machine.submit(name, machine.open_round, b"\x00", "x")
+                machine.submit(name, machine.open_round, b"\x00", "x", now)
     assert machine.phase is phase
     return machine
 
@@ -634,7 +671,7 @@ def test_every_phase_event_pair(phase: Phase, event: Event, data: st.DataObject)
     changes nothing, or is refused with one of our errors, changing nothing."""
     machine = drive_to(phase, data)
     before, open_round = snapshot(machine), machine.open_round
-    known = sorted(machine.clients)
+    known = sorted(machine.registered)
     call: Callable[[], object]
     if event.value == "register":
         name = data.draw(st.sampled_from([*known, *NAMES, "new"]), label="name")
@@ -662,12 +699,12 @@ def test_every_phase_submit(phase: Phase, data: st.DataObject) -> None:
     transport-bug IllegalTransitionError."""
     machine = drive_to(phase, data)
     before, open_round = snapshot(machine), machine.open_round
-    anyone = st.sampled_from([*sorted(machine.clients), "ghost"])
+    anyone = st.sampled_from([*sorted(machine.registered), "ghost"])
     client = data.draw(st.one_of(st.sampled_from(sorted(machine.cohort)), anyone)
                        if machine.cohort else anyone, label="client")
     round = data.draw(st.one_of(st.just(open_round),
                                 st.integers(max(0, open_round - 2), open_round + 2)),
                       label="round")
     digest = data.draw(st.sampled_from([b"\x00", b"\x01"]), label="digest")
-    result, error = attempt(partial(machine.submit, client, round, digest, "y"))
+    result, error = attempt(partial(machine.submit, client, round, digest, "y", 50.0))
     check_outcome(machine, phase, "submit", before, open_round, result, error)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from paramserver.averaging import (
+    Weights,
     average_metrics,
     average_state_dicts,
     fold,
@@ -61,10 +62,10 @@ def test_mismatches_and_nan_are_named() -> None:
 
 def test_fold_in_blocks_equals_fold_whole() -> None:
     xs = [torch.randn(1000) for _ in range(3)]
-    p = weight_fractions([3, 5, 7])
-    whole = fold(p, lambda: xs, torch.float32)
-    halves = torch.cat([fold(p, lambda: (x[:333] for x in xs), torch.float32),
-                        fold(p, lambda: (x[333:] for x in xs), torch.float32)])
+    w = Weights.of([3, 5, 7])
+    whole = fold(w, lambda: xs, torch.float32)
+    halves = torch.cat([fold(w, lambda: (x[:333] for x in xs), torch.float32),
+                        fold(w, lambda: (x[333:] for x in xs), torch.float32)])
     assert torch.equal(whole, halves)
 
 
@@ -77,3 +78,35 @@ def test_float64_near_the_top_of_the_range_does_not_overflow() -> None:
     big = torch.tensor([1.7976931348623157e308, -1.7976931348623157e308], dtype=torch.float64)
     out = average_state_dicts({c: (w, {"w": big}) for c, w in (("a", 1), ("b", 2), ("c", 2))})
     assert torch.equal(out["w"], big)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_an_integer_tie_is_rounded_half_to_even_exactly(dtype: torch.dtype) -> None:
+    # Weights (2, 3, 1), values (2, 1, 2): the exact mean is 9/6 = 1.5, so 2.
+    updates = {c: (w, {"n": torch.tensor(v, dtype=dtype)})
+               for c, w, v in (("a", 2, 2), ("b", 3, 1), ("c", 1, 2))}
+    assert average_state_dicts(updates)["n"].item() == 2
+
+
+def test_a_tied_bool_vote_is_false() -> None:
+    # 9 + 18 + 1 = 28 examples for True, 11 + 17 = 28 for False.
+    votes = [(9, True), (18, True), (1, True), (11, False), (17, False)]
+    updates = {f"c{i}": (w, {"b": torch.tensor(v)}) for i, (w, v) in enumerate(votes)}
+    assert average_state_dicts(updates)["b"].item() is False
+
+
+def test_int64_extremes_average_exactly() -> None:
+    top, bottom = 2**63 - 1, -(2**63)
+    updates = {"a": (3, {"n": torch.tensor([top, bottom])}),
+               "b": (5, {"n": torch.tensor([top - 1, bottom + 1])})}
+    # (3 * top + 5 * (top - 1)) / 8 = top - 5/8 -> top - 1; likewise bottom + 5/8 -> bottom + 1.
+    assert average_state_dicts(updates)["n"].tolist() == [top - 1, bottom + 1]
+
+
+def test_float16_is_rounded_once() -> None:
+    # Just above the midpoint of 1 and the next float16: the answer is the
+    # upper neighbour; through float32 it lands on the midpoint and ties down.
+    one = torch.tensor(1.0, dtype=torch.float16)
+    above = torch.nextafter(one, torch.tensor(2.0, dtype=torch.float16))
+    updates = {"a": (2**19 - 1, {"x": one}), "b": (2**19 + 1, {"x": above})}
+    assert average_state_dicts(updates)["x"].item() == above.item()

@@ -1,20 +1,23 @@
-"""The coordinator driven directly: deadlines, aborts, resume after a crash,
-shutdown. Real threads and files, no gRPC."""
+"""The coordinator driven directly: deadlines (on a fake clock), aborts, resume
+after a crash, a full disk, the end of a run, shutdown. Real threads and files,
+no gRPC."""
 
 import dataclasses
+import errno
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from unit_fakes import FakeClock
 
-from paramserver import codec, errors, spool
+from paramserver import codec, errors, spool, state
 from paramserver.coordinator import Coordinator, GlobalModel, ServerConfig
 
 MODEL = {"w": torch.zeros(5)}
+WAIT = 30.0  # a guard against a hang, in real seconds; events end every wait
 
 
 def update(client: str, round: int, value: float) -> tuple[codec.UpdateHeader, list[bytes]]:
@@ -38,8 +41,9 @@ def assert_still_counted(coordinator: Coordinator, client: str, round: int, valu
 
 
 def wait(coordinator: Coordinator, client: str, round: int) -> GlobalModel:
-    deadline = time.monotonic() + 10
-    model = coordinator.wait_for_model(client, round, lambda: deadline - time.monotonic())
+    """The model of `round`, waiting for the coordinator's threads (an event,
+    not a duration: WAIT only guards against a hang)."""
+    model = coordinator.wait_for_model(client, round, lambda: WAIT)
     assert model is not None, f"round {round} did not close"
     return model
 
@@ -48,24 +52,30 @@ Make = Callable[..., Coordinator]
 
 
 @pytest.fixture
-def make(tmp_path: Path) -> Iterator[Make]:
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make(tmp_path: Path, clock: FakeClock) -> Iterator[Make]:
     made: list[Coordinator] = []
 
     def factory(**changes: Any) -> Coordinator:
-        base = ServerConfig(min_clients=2, state_dir=tmp_path / "state", durable=False)
-        made.append(Coordinator(dataclasses.replace(base, **changes), MODEL))
+        base = ServerConfig(clients=2, state_dir=tmp_path / "state", durable=False)
+        made.append(Coordinator(dataclasses.replace(base, **changes), MODEL, clock))
         return made[-1]
 
     yield factory
     for coordinator in made:
-        coordinator.shutdown(timeout=5)
+        coordinator.close(timeout=5)
 
 
-def test_round_below_quorum_is_aborted_and_the_model_kept(make: Make) -> None:
-    coordinator = make(round_timeout=0.3, quorum=2)
+def test_round_below_quorum_is_aborted_and_the_model_kept(make: Make, clock: FakeClock) -> None:
+    coordinator = make(round_timeout=5.0, min_clients=2)
     coordinator.register("a")
     coordinator.register("b")
     send(coordinator, "a", 1, 1.0)
+    clock.advance(5.0)
     with pytest.raises(errors.RoundAbortedError):
         wait(coordinator, "a", 1)
     reg = coordinator.register("a")  # re-sync
@@ -73,11 +83,13 @@ def test_round_below_quorum_is_aborted_and_the_model_kept(make: Make) -> None:
     assert coordinator.model.header.round == 0
 
 
-def test_deadline_closes_with_quorum_and_drops_the_silent_client(make: Make) -> None:
-    coordinator = make(round_timeout=0.3, quorum=1)
+def test_deadline_closes_with_quorum_and_drops_the_silent_client(
+        make: Make, clock: FakeClock) -> None:
+    coordinator = make(round_timeout=5.0, min_clients=1)
     for name in ("a", "b"):
         coordinator.register(name)
     send(coordinator, "a", 1, 4.0)
+    clock.advance(5.0)
     model = wait(coordinator, "a", 1)
     assert model.header.num_updates == 1
     send(coordinator, "a", 2, 2.0)  # b is inactive now: round 2 needs only a
@@ -86,8 +98,60 @@ def test_deadline_closes_with_quorum_and_drops_the_silent_client(make: Make) -> 
         send(coordinator, "b", 3, 1.0)
 
 
+def test_the_deadline_counts_from_the_first_update_not_the_opening(
+        make: Make, clock: FakeClock) -> None:
+    """A slow first round (every client still training) is not aborted."""
+    coordinator = make(round_timeout=5.0, min_clients=2)
+    coordinator.register("a")
+    coordinator.register("b")
+    clock.advance(60.0)  # long past "opening + timeout"
+    send(coordinator, "a", 1, 1.0)
+    clock.advance(4.0)
+    send(coordinator, "b", 1, 3.0)
+    assert wait(coordinator, "a", 1).header.num_updates == 2
+
+
+def test_a_round_waiting_for_clients_after_an_abort_does_not_hang(
+        make: Make, clock: FakeClock) -> None:
+    """--clients 2 --min-clients 2: round 1 aborts (b dead), round 2 waits for
+    clients below quorum; its early update starts a clock that aborts it."""
+    coordinator = make(round_timeout=3.0, min_clients=2, capacity=2)
+    coordinator.register("a")
+    coordinator.register("b")
+    send(coordinator, "a", 1, 1.0)
+    clock.advance(3.0)
+    with pytest.raises(errors.RoundAbortedError):
+        wait(coordinator, "a", 1)
+    assert coordinator.register("a").first_round == 2
+    header, chunks = update("a", 2, 2.0)
+    early = coordinator.submit(header, chunks)
+    assert (early.received, early.expected) == (1, 0)
+    clock.advance(3.0)
+    with pytest.raises(errors.RoundAbortedError):
+        wait(coordinator, "a", 2)
+
+
+def test_a_cancelled_upload_is_not_committed(make: Make) -> None:
+    """A call that ended (cancel, deadline) before the commit does not count,
+    leaves nothing on disk, and the client's next update is taken."""
+    coordinator = make()
+    coordinator.register("a")
+    coordinator.register("b")
+    header, chunks = update("a", 1, 1.0)
+    with pytest.raises(errors.CallEndedError):
+        coordinator.submit(header, chunks, alive=lambda: False)
+    assert coordinator.check_submit(header) is None, "the cancelled upload was counted"
+    assert not list((coordinator_root(coordinator) / "updates").rglob("*.update"))
+    different, chunks = update("a", 1, 2.0)
+    assert not coordinator.submit(different, chunks, alive=lambda: True).duplicate
+
+
+def coordinator_root(coordinator: Coordinator) -> Path:
+    return coordinator._state.root
+
+
 def test_restart_resumes_the_open_round_with_acknowledged_updates(tmp_path: Path) -> None:
-    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True)
+    config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=True)
     first = Coordinator(config, MODEL)
     first.register("a")
     first.register("b")
@@ -99,11 +163,11 @@ def test_restart_resumes_the_open_round_with_acknowledged_updates(tmp_path: Path
         send(second, "b", 1, 3.0)
         assert wait(second, "a", 1).header.num_updates == 2
     finally:
-        second.shutdown(timeout=5)
+        second.close(timeout=5)
 
 
 def test_a_retry_racing_its_original_is_a_durable_duplicate(tmp_path: Path) -> None:
-    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True)
+    config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=True)
     coordinator = Coordinator(config, MODEL)
     try:
         coordinator.register("a")
@@ -119,7 +183,7 @@ def test_a_retry_racing_its_original_is_a_durable_duplicate(tmp_path: Path) -> N
         send(coordinator, "b", 1, 3.0)
         assert wait(coordinator, "a", 1).header.num_updates == 2
     finally:
-        coordinator.shutdown(timeout=5)
+        coordinator.close(timeout=5)
 
 
 def _disk_error(*args: object, **kwargs: object) -> bytearray:
@@ -129,7 +193,7 @@ def _disk_error(*args: object, **kwargs: object) -> bytearray:
 def test_a_failed_aggregation_stops_the_server_and_a_restart_redoes_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     failures: list[BaseException] = []
-    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True,
+    config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=True,
                           on_failure=failures.append)
     first = Coordinator(config, MODEL)
 
@@ -137,11 +201,11 @@ def test_a_failed_aggregation_stops_the_server_and_a_restart_redoes_it(
     first.register("a")
     first.register("b")
     send(first, "a", 1, 1.0)
-    send(first, "b", 1, 3.0)  # closes round 1; its aggregation fails
+    send(first, "b", 1, 3.0)  # closes round 1; reading its updates back fails
     with pytest.raises(errors.ShuttingDownError):
         wait(first, "a", 1)  # released at once, not held until a deadline
     assert [type(e) for e in failures] == [OSError]
-    first.shutdown(timeout=5)
+    first.close(timeout=5)
     monkeypatch.undo()
     second = Coordinator(dataclasses.replace(config, on_failure=None), MODEL)
     try:
@@ -150,46 +214,53 @@ def test_a_failed_aggregation_stops_the_server_and_a_restart_redoes_it(
         assert torch.equal(codec.state_dict_from_payload(second.specs, model.payload)["w"],
                            torch.full((5,), 2.0))
     finally:
-        second.shutdown(timeout=5)
+        second.close(timeout=5)
 
 
 def test_a_deadline_close_survives_a_failed_aggregation_and_a_restart(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> None:
     """closed.json: the restarted server aggregates exactly the updates the
     round closed with, though the silent client could now send."""
-    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True,
-                          round_timeout=0.3, quorum=1, on_failure=lambda error: None)
-    first = Coordinator(config, MODEL)
+    config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=True,
+                          round_timeout=5.0, min_clients=1, on_failure=lambda error: None)
+    first = Coordinator(config, MODEL, clock)
     monkeypatch.setattr("paramserver.coordinator.aggregate", _disk_error)
     first.register("a")
     first.register("b")
     send(first, "a", 1, 4.0)
+    clock.advance(5.0)
     with pytest.raises(errors.ShuttingDownError):
         wait(first, "a", 1)  # closed at the deadline without b; aggregation fails
-    first.shutdown(timeout=5)
+    first.close(timeout=5)
     monkeypatch.undo()
-    # No deadline now: only the record of the close can keep b out.
+    # No deadline now: only the record of the close can keep b out. The restart
+    # re-aggregates in the background, so b's late update meets round 1 either
+    # still closed without it or already published: refused as a RoundError
+    # either way, and never counted.
     second = Coordinator(dataclasses.replace(config, round_timeout=None), MODEL)
     try:
-        with pytest.raises(errors.NotInCohortError):  # the round closed without b
+        with pytest.raises(errors.RoundError):
             send(second, "b", 1, 0.0)
         model = wait(second, "a", 1)
         assert model.header.num_updates == 1
     finally:
-        second.shutdown(timeout=5)
+        second.close(timeout=5)
 
 
-def test_an_aborted_round_stays_aborted_after_a_restart(tmp_path: Path) -> None:
-    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True,
-                          round_timeout=0.3, quorum=2)
-    first = Coordinator(config, MODEL)
+def test_an_aborted_round_stays_aborted_after_a_restart(tmp_path: Path,
+                                                        clock: FakeClock) -> None:
+    config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=True,
+                          round_timeout=5.0, min_clients=2)
+    first = Coordinator(config, MODEL, clock)
     first.register("a")
     first.register("b")
     send(first, "a", 1, 1.0)
+    clock.advance(5.0)
     with pytest.raises(errors.RoundAbortedError):
         wait(first, "a", 1)
     assert first.register("a").first_round == 2
     send(first, "a", 2, 2.0)  # acknowledged for round 2
+    first.shutdown()
     first._state.close()  # a crash
     second = Coordinator(dataclasses.replace(config, round_timeout=None), MODEL)
     try:
@@ -198,7 +269,7 @@ def test_an_aborted_round_stays_aborted_after_a_restart(tmp_path: Path) -> None:
         send(second, "b", 2, 4.0)
         assert wait(second, "a", 2).header.num_updates == 2
     finally:
-        second.shutdown(timeout=5)
+        second.close(timeout=5)
 
 
 def test_every_ack_follows_the_fsync_of_its_round_directory(
@@ -211,7 +282,7 @@ def test_every_ack_follows_the_fsync_of_its_round_directory(
         real(path)
 
     monkeypatch.setattr(spool, "fsync_dir", spy)
-    coordinator = Coordinator(ServerConfig(min_clients=2, state_dir=tmp_path / "s",
+    coordinator = Coordinator(ServerConfig(clients=2, state_dir=tmp_path / "s",
                                            durable=True), MODEL)
     round_dir = tmp_path / "s" / "updates" / "round-00000001"
     try:
@@ -226,7 +297,7 @@ def test_every_ack_follows_the_fsync_of_its_round_directory(
         assert duplicate is not None
         assert synced == [round_dir], "a duplicate acknowledged before the original is durable"
     finally:
-        coordinator.shutdown(timeout=5)
+        coordinator.close(timeout=5)
 
 
 def test_a_failing_evaluator_does_not_stop_the_rounds(make: Make) -> None:
@@ -248,25 +319,30 @@ def test_shutdown_releases_waiters_with_unavailable(make: Make) -> None:
     coordinator.register("a")
     coordinator.register("b")
     raised: list[BaseException] = []
+    waiting = threading.Event()
 
     def waiter() -> None:
+        def remaining() -> float:
+            waiting.set()  # inside the wait, holding no lock of ours
+            return WAIT
+
         try:
-            wait(coordinator, "a", 1)
+            coordinator.wait_for_model("a", 1, remaining)
         except errors.ParamServerError as error:
             raised.append(error)
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.2)
+    assert waiting.wait(WAIT)
     coordinator.shutdown()
-    thread.join(5)
+    thread.join(WAIT)
     assert [type(e) for e in raised] == [errors.ShuttingDownError]
     with pytest.raises(errors.ShuttingDownError):
         coordinator.register("c")
 
 
 def test_corrupt_latest_model_is_rebuilt_and_next_round_updates_kept(tmp_path: Path) -> None:
-    config = ServerConfig(min_clients=2, state_dir=tmp_path / "s", durable=True)
+    config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=True)
     first = Coordinator(config, MODEL)
     for name in ("a", "b"):
         first.register(name)
@@ -274,6 +350,7 @@ def test_corrupt_latest_model_is_rebuilt_and_next_round_updates_kept(tmp_path: P
     send(first, "b", 1, 3.0)
     published = wait(first, "a", 1).header
     send(first, "a", 2, 5.0)  # acknowledged for round 2
+    first.shutdown()
     first._state.close()
     latest = tmp_path / "s" / "global.model"
     data = bytearray(latest.read_bytes())
@@ -286,4 +363,119 @@ def test_corrupt_latest_model_is_rebuilt_and_next_round_updates_kept(tmp_path: P
         send(second, "b", 2, 7.0)
         assert wait(second, "b", 2).header.num_updates == 2
     finally:
-        second.shutdown(timeout=5)
+        second.close(timeout=5)
+
+
+# -- a full disk ---------------------------------------------------------------------
+
+
+def _disk_full(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_refuses_the_upload_retryably_and_counts_nothing(
+        make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    health: list[bool] = []
+    coordinator = make(on_storage=health.append)
+    coordinator.register("a")
+    coordinator.register("b")
+    header, chunks = update("a", 1, 1.0)
+    with monkeypatch.context() as full:
+        full.setattr(spool.SpoolWriter, "write", _disk_full)
+        with pytest.raises(errors.StorageError, match="No space left"):
+            coordinator.submit(header, chunks)
+    assert health == [False]
+    assert coordinator.check_submit(header) is None, "an update that was not written counts"
+    assert not list((coordinator_root(coordinator) / "updates").rglob("*.update*"))
+    assert not coordinator.submit(header, chunks).duplicate  # space again: it is taken
+    assert health == [False, True]
+
+
+def test_a_global_model_the_disk_refuses_is_written_once_it_can_be(
+        make: Make, monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> None:
+    """The round stays closed, its waiters wait, and the model is retried: no
+    fail-stop, no client released with an error."""
+    health: list[bool] = []
+    refused = threading.Event()
+    real = state.StateDir.save_model
+
+    def full_once(self: state.StateDir, *args: Any, **kwargs: Any) -> None:
+        if not refused.is_set():
+            refused.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(state.StateDir, "save_model", full_once)
+    coordinator = make(on_storage=health.append)
+    coordinator.register("a")
+    coordinator.register("b")
+    send(coordinator, "a", 1, 1.0)
+    send(coordinator, "b", 1, 3.0)
+    assert refused.wait(WAIT)
+    clock.advance(60.0)  # the retry's backoff
+    assert wait(coordinator, "a", 1).header.num_updates == 2
+    assert health == [False, True]
+
+
+def test_a_state_dir_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("not a directory")
+    with pytest.raises(state.StateDirError, match=r"cannot use .* as the state dir"):
+        Coordinator(ServerConfig(state_dir=path), MODEL)
+
+
+# -- the end of a run ------------------------------------------------------------------
+
+
+def test_a_finished_run_serves_its_final_model_after_a_restart(tmp_path: Path,
+                                                              clock: FakeClock) -> None:
+    """A crash just after the last round was published: the restarted server
+    serves the final model (and the retry of a lost ack), then says it is done
+    once every client has fetched it."""
+    config = ServerConfig(clients=2, total_rounds=1, state_dir=tmp_path / "s", durable=True)
+    first = Coordinator(config, MODEL, clock)
+    first.register("a")
+    first.register("b")
+    send(first, "a", 1, 1.0)
+    send(first, "b", 1, 3.0)
+    final = wait(first, "a", 1).header
+    first.shutdown()
+    first._state.close()  # a crash
+    done = threading.Event()
+    second = Coordinator(dataclasses.replace(config, on_finished=done.set), MODEL, clock)
+    try:
+        assert second.finished
+        reg = second.register("b")
+        assert (reg.first_round, reg.model_round) == (2, 1)
+        assert_still_counted(second, "b", 1, 3.0, "the retry of b's lost ack was refused")
+        with pytest.raises(errors.RunFinishedError):
+            send(second, "b", 2, 3.0)
+        assert wait(second, "b", 1).header == final
+        assert not done.is_set()  # a has not fetched it yet
+        assert wait(second, "a", 1).header == final
+        assert done.wait(WAIT)
+    finally:
+        second.close(timeout=5)
+
+
+def test_a_finished_run_stops_lingering_after_its_linger_time(make: Make,
+                                                              clock: FakeClock) -> None:
+    done = threading.Event()
+    coordinator = make(total_rounds=1, linger=30.0, on_finished=done.set)
+    coordinator.register("a")
+    coordinator.register("b")
+    send(coordinator, "a", 1, 1.0)
+    send(coordinator, "b", 1, 1.0)
+    wait(coordinator, "a", 1)  # b never fetches the final model
+    assert not done.is_set()
+    clock.advance(30.0)
+    assert done.wait(WAIT)
+
+
+def test_a_client_with_another_model_is_refused_before_it_joins(make: Make) -> None:
+    coordinator = make(clients=1)
+    other = codec.spec_of({"w": torch.zeros(6)})
+    with pytest.raises(errors.ModelMismatchError, match=r"'w'.*shape \[6\], expected \[5\]"):
+        coordinator.register("a", other)
+    assert not coordinator._machine.registered, "the refused client was registered"
+    assert coordinator.register("a", coordinator.specs).first_round == 1

@@ -10,18 +10,25 @@ from paramserver.errors import (
     StaleRoundError,
     UnknownClientError,
 )
-from paramserver.rounds import IllegalTransitionError, ModelStatus, Phase, RoundMachine
+from paramserver.rounds import (
+    Aborted,
+    Accepted,
+    IllegalTransitionError,
+    ModelStatus,
+    Phase,
+    RoundMachine,
+)
 
 
 def started(n: int = 2, rounds: int = 0) -> RoundMachine[str]:
-    machine: RoundMachine[str] = RoundMachine(min_clients=n, total_rounds=rounds)
+    machine: RoundMachine[str] = RoundMachine(clients=n, total_rounds=rounds)
     for i in range(n):
         machine.register(f"c{i}", now=0.0)
     return machine
 
 
-def test_round_one_opens_when_min_clients_registered() -> None:
-    machine: RoundMachine[str] = RoundMachine(min_clients=2)
+def test_round_one_opens_when_its_clients_registered() -> None:
+    machine: RoundMachine[str] = RoundMachine(clients=2)
     assert machine.register("a", 0.0).first_round == 1
     phases = [machine.phase]
     machine.register("b", 5.0)
@@ -35,14 +42,14 @@ def test_registration_is_idempotent() -> None:
     machine = started()
     again = machine.register("c0", 1.0)
     assert (again.client_id, again.first_round, again.is_new) == ("c0", 1, False)
-    assert len(machine.clients) == 2
+    assert len(machine.registered) == 2
 
 
 def test_barrier_closes_with_updates_in_canonical_order() -> None:
     machine = started(3)
-    assert machine.submit("c2", 1, b"x", "p2").closed is None
-    assert machine.submit("c0", 1, b"y", "p0").closed is None
-    accepted = machine.submit("c1", 1, b"z", "p1")
+    assert machine.submit("c2", 1, b"x", "p2", 0.0).closed is None
+    assert machine.submit("c0", 1, b"y", "p0", 0.0).closed is None
+    accepted = machine.submit("c1", 1, b"z", "p1", 0.0)
     assert accepted.closed is not None
     assert [u.client_id for u in accepted.closed] == ["c0", "c1", "c2"]
     assert [u.payload for u in accepted.closed] == ["p0", "p1", "p2"]
@@ -56,8 +63,8 @@ def test_barrier_closes_with_updates_in_canonical_order() -> None:
 
 def test_duplicate_is_acknowledged_and_counted_once() -> None:
     machine = started()
-    machine.submit("c0", 1, b"d", "p")
-    again = machine.submit("c0", 1, b"d", "other payload")
+    machine.submit("c0", 1, b"d", "p", 0.0)
+    again = machine.submit("c0", 1, b"d", "other payload", 0.0)
     assert again.duplicate
     assert again.received == 1
     assert machine.received["c0"].payload == "p"
@@ -65,9 +72,9 @@ def test_duplicate_is_acknowledged_and_counted_once() -> None:
 
 def test_different_second_update_is_refused_and_first_kept() -> None:
     machine = started()
-    machine.submit("c0", 1, b"d", "p")
+    machine.submit("c0", 1, b"d", "p", 0.0)
     with pytest.raises(ConflictingUpdateError):
-        machine.submit("c0", 1, b"e", "q")
+        machine.submit("c0", 1, b"e", "q", 0.0)
     assert machine.received["c0"].payload == "p"
 
 
@@ -80,7 +87,7 @@ def test_refused_submissions_change_nothing(client: str, round: int, error: type
     machine = started()
     before = (machine.phase, machine.open_round, dict(machine.received))
     with pytest.raises(error):
-        machine.submit(client, round, b"d", "p")
+        machine.submit(client, round, b"d", "p", 0.0)
     assert (machine.phase, machine.open_round, dict(machine.received)) == before
 
 
@@ -89,20 +96,20 @@ def test_late_joiner_takes_part_from_next_round() -> None:
     reg = machine.register("late", 1.0)
     assert reg.first_round == 2
     with pytest.raises(NotInCohortError):
-        machine.submit("late", 1, b"d", "p")
-    machine.submit("c0", 1, b"a", "p")
-    machine.submit("c1", 1, b"b", "p")
+        machine.submit("late", 1, b"d", "p", 0.0)
+    machine.submit("c0", 1, b"a", "p", 0.0)
+    machine.submit("c1", 1, b"b", "p", 0.0)
     machine.published(1, 2.0)
     assert machine.cohort == {"c0", "c1", "late"}
 
 
 def test_run_finishes_after_total_rounds() -> None:
     machine = started(1, rounds=1)
-    machine.submit("c0", 1, b"a", "p")
+    machine.submit("c0", 1, b"a", "p", 0.0)
     machine.published(1, 1.0)
     assert machine.phase is Phase.FINISHED
     with pytest.raises(RunFinishedError):
-        machine.submit("c0", 2, b"a", "p")
+        machine.submit("c0", 2, b"a", "p", 0.0)
     with pytest.raises(RunFinishedError):
         machine.model_status("c0", 2)
     assert machine.model_status("c0", 1) is ModelStatus.READY
@@ -115,7 +122,7 @@ def test_publish_outside_aggregation_is_illegal() -> None:
 
 
 def test_capacity_and_names() -> None:
-    machine: RoundMachine[str] = RoundMachine(min_clients=1, capacity=1)
+    machine: RoundMachine[str] = RoundMachine(clients=1, capacity=1)
     machine.register("a", 0.0)
     with pytest.raises(CapacityError):
         machine.register("b", 0.0)
@@ -130,8 +137,89 @@ def test_model_status_errors() -> None:
         machine.model_status("c0", 2)
     with pytest.raises(UnknownClientError):
         machine.model_status("ghost", 0)
-    machine.submit("c0", 1, b"a", "p")
-    machine.submit("c1", 1, b"b", "p")
+    machine.submit("c0", 1, b"a", "p", 0.0)
+    machine.submit("c1", 1, b"b", "p", 0.0)
     machine.published(1, 1.0)
     with pytest.raises(StaleRoundError):
         machine.model_status("c0", 0)
+
+
+# -- the deadline runs from a round's first update ---------------------------------
+
+
+def timed(n: int = 3, quorum: int = 2, rounds: int = 0) -> RoundMachine[str]:
+    machine: RoundMachine[str] = RoundMachine(clients=n, min_clients=quorum,
+                                              total_rounds=rounds, round_timeout=5.0)
+    for i in range(n):
+        machine.register(f"c{i}", now=0.0)
+    return machine
+
+
+def test_no_deadline_until_the_first_update_then_from_it() -> None:
+    """A cold first round (clients training for long) is not cut short: the
+    clock starts at the first update, not at the opening."""
+    machine = timed()
+    assert machine.deadline is None
+    assert machine.tick(1000.0) is None  # nobody has sent: nobody is held up
+    machine.submit("c0", 1, b"a", "p", 1000.0)
+    assert machine.deadline == 1005.0
+    assert machine.tick(1004.9) is None
+    machine.submit("c1", 1, b"b", "p", 1004.0)
+    outcome = machine.tick(1005.0)
+    assert isinstance(outcome, Accepted)
+    assert outcome.closed is not None
+    assert [u.client_id for u in outcome.closed] == ["c0", "c1"]
+    assert machine.inactive == {"c2"}
+
+
+def test_a_round_waiting_for_clients_has_a_deadline_too() -> None:
+    """After an abort leaves fewer active clients than the quorum, the next
+    round waits for clients; an early update starts its clock, so it is
+    aborted at its deadline instead of waiting for ever."""
+    machine = timed(n=2, quorum=2)
+    machine.submit("c0", 1, b"a", "p", 0.0)
+    assert isinstance(machine.tick(5.0), Aborted)  # c1 dropped out
+    assert machine.phase is Phase.WAITING_FOR_CLIENTS
+    assert machine.active == {"c0"}
+    assert machine.register("c0", 6.0).first_round == 2
+    early = machine.submit("c0", 2, b"b", "p", 7.0)
+    assert (early.received, early.expected) == (1, 0)  # the cohort is not known yet
+    assert machine.deadline == 12.0
+    aborted = machine.tick(12.0)
+    assert isinstance(aborted, Aborted)
+    assert aborted.round == 2
+    assert machine.open_round == 3
+
+
+def test_a_waiting_round_closes_at_its_deadline_with_a_quorum() -> None:
+    machine: RoundMachine[str] = RoundMachine(clients=3, min_clients=1, round_timeout=5.0)
+    machine.register("a", 0.0)
+    machine.register("b", 0.0)
+    machine.submit("a", 1, b"a", "p", 1.0)
+    outcome = machine.tick(6.0)
+    assert isinstance(outcome, Accepted)
+    assert (outcome.received, outcome.expected) == (1, 2)
+    assert machine.phase is Phase.AGGREGATING
+    assert machine.inactive == {"b"}
+
+
+def test_an_early_ack_never_states_a_cohort_that_turns_out_false() -> None:
+    """1 of 3 registered sends early: the ack cannot know the cohort (3, once
+    round 1 opens), so it says 0; once open, acks say the real cohort."""
+    machine: RoundMachine[str] = RoundMachine(clients=3)
+    machine.register("a", 0.0)
+    early = machine.submit("a", 1, b"a", "p", 0.0)
+    assert early.expected == 0
+    assert machine.submit("a", 1, b"a", "p", 0.0).expected == 0  # its duplicate too
+    machine.register("b", 0.0)
+    machine.register("c", 0.0)
+    assert machine.submit("b", 1, b"b", "p", 0.0).expected == 3
+
+
+def test_the_retry_of_a_lost_ack_after_the_close_states_the_cohort() -> None:
+    machine = timed(n=3, quorum=1)
+    machine.submit("c0", 1, b"a", "p", 0.0)
+    machine.tick(5.0)  # closes with c0 alone
+    machine.published(1, 6.0)
+    again = machine.submit("c0", 1, b"a", "p", 7.0)
+    assert (again.duplicate, again.received, again.expected) == (True, 1, 3)

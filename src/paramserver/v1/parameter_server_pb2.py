@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%paramserver/v1/parameter_server.proto\x12\x0eparamserver.v1\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.paramserver.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\",\n\x15RegisterClientRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\"\xc8\x01\n\x16RegisterClientResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_round\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x04\x12\x13\n\x0bmin_clients\x18\x04 \x01(\r\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.paramserver.v1.TensorSpec\x12\x13\n\x0bmodel_round\x18\x06 \x01(\x04\x12\x19\n\x11max_unary_payload\x18\x07 \x01(\x04\"\xef\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12+\n\x07tensors\x18\x04 \x03(\x0b\x32\x1a.paramserver.v1.TensorSpec\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12:\n\x07metrics\x18\x06 \x03(\x0b\x32).paramserver.v1.UpdateHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"[\n\x11SendUpdateRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramserver.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"Z\n\x12SendUpdateResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x10\n\x08received\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\";\n\x17GetAveragedModelRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"\xf1\x01\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.paramserver.v1.TensorSpec\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_updates\x18\x04 \x01(\r\x12\x16\n\x0etotal_examples\x18\x05 \x01(\x04\x12\x39\n\x07metrics\x18\x06 \x03(\x0b\x32(.paramserver.v1.ModelHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"a\n\x18GetAveragedModelResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"K\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramserver.v1.UpdateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\x0cModelMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ModelHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n2\xb6\x04\n\x0fParameterServer\x12_\n\x0eRegisterClient\x12%.paramserver.v1.RegisterClientRequest\x1a&.paramserver.v1.RegisterClientResponse\x12U\n\nSendUpdate\x12!.paramserver.v1.SendUpdateRequest\x1a\".paramserver.v1.SendUpdateResponse(\x01\x12g\n\x10GetAveragedModel\x12\'.paramserver.v1.GetAveragedModelRequest\x1a(.paramserver.v1.GetAveragedModelResponse0\x01\x12T\n\x0fSendUpdateUnary\x12\x1d.paramserver.v1.UpdateMessage\x1a\".paramserver.v1.SendUpdateResponse\x12^\n\x15GetAveragedModelUnary\x12\'.paramserver.v1.GetAveragedModelRequest\x1a\x1c.paramserver.v1.ModelMessage\x12L\n\rExchangeUnary\x12\x1d.paramserver.v1.UpdateMessage\x1a\x1c.paramserver.v1.ModelMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%paramserver/v1/parameter_server.proto\x12\x0eparamserver.v1\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.paramserver.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04\"Y\n\x15RegisterClientRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.paramserver.v1.TensorSpec\"\xf0\x01\n\x16RegisterClientResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_round\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x04\x12\x0f\n\x07\x63lients\x18\x04 \x01(\r\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.paramserver.v1.TensorSpec\x12\x13\n\x0bmodel_round\x18\x06 \x01(\x04\x12\x19\n\x11max_unary_payload\x18\x07 \x01(\x04\x12\x13\n\x0bmin_clients\x18\x08 \x01(\r\x12\x15\n\rround_timeout\x18\t \x01(\x01\"\xef\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12+\n\x07tensors\x18\x04 \x03(\x0b\x32\x1a.paramserver.v1.TensorSpec\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12:\n\x07metrics\x18\x06 \x03(\x0b\x32).paramserver.v1.UpdateHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"[\n\x11SendUpdateRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramserver.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"Z\n\x12SendUpdateResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x10\n\x08received\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\";\n\x17GetAveragedModelRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"\xf1\x01\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.paramserver.v1.TensorSpec\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_updates\x18\x04 \x01(\r\x12\x16\n\x0etotal_examples\x18\x05 \x01(\x04\x12\x39\n\x07metrics\x18\x06 \x03(\x0b\x32(.paramserver.v1.ModelHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"a\n\x18GetAveragedModelResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"K\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.paramserver.v1.UpdateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"I\n\x0cModelMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ModelHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n2\xb6\x04\n\x0fParameterServer\x12_\n\x0eRegisterClient\x12%.paramserver.v1.RegisterClientRequest\x1a&.paramserver.v1.RegisterClientResponse\x12U\n\nSendUpdate\x12!.paramserver.v1.SendUpdateRequest\x1a\".paramserver.v1.SendUpdateResponse(\x01\x12g\n\x10GetAveragedModel\x12\'.paramserver.v1.GetAveragedModelRequest\x1a(.paramserver.v1.GetAveragedModelResponse0\x01\x12T\n\x0fSendUpdateUnary\x12\x1d.paramserver.v1.UpdateMessage\x1a\".paramserver.v1.SendUpdateResponse\x12^\n\x15GetAveragedModelUnary\x12\'.paramserver.v1.GetAveragedModelRequest\x1a\x1c.paramserver.v1.ModelMessage\x12L\n\rExchangeUnary\x12\x1d.paramserver.v1.UpdateMessage\x1a\x1c.paramserver.v1.ModelMessageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_MODELHEADER_METRICSENTRY']._loaded_options = None
   _globals['_MODELHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1371
-  _globals['_DTYPE']._serialized_end=1578
+  _globals['_DTYPE']._serialized_start=1456
+  _globals['_DTYPE']._serialized_end=1663
   _globals['_TENSORSPEC']._serialized_start=57
   _globals['_TENSORSPEC']._serialized_end=136
   _globals['_REGISTERCLIENTREQUEST']._serialized_start=138
-  _globals['_REGISTERCLIENTREQUEST']._serialized_end=182
-  _globals['_REGISTERCLIENTRESPONSE']._serialized_start=185
-  _globals['_REGISTERCLIENTRESPONSE']._serialized_end=385
-  _globals['_UPDATEHEADER']._serialized_start=388
-  _globals['_UPDATEHEADER']._serialized_end=627
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=581
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=627
-  _globals['_SENDUPDATEREQUEST']._serialized_start=629
-  _globals['_SENDUPDATEREQUEST']._serialized_end=720
-  _globals['_SENDUPDATERESPONSE']._serialized_start=722
-  _globals['_SENDUPDATERESPONSE']._serialized_end=812
-  _globals['_GETAVERAGEDMODELREQUEST']._serialized_start=814
-  _globals['_GETAVERAGEDMODELREQUEST']._serialized_end=873
-  _globals['_MODELHEADER']._serialized_start=876
-  _globals['_MODELHEADER']._serialized_end=1117
-  _globals['_MODELHEADER_METRICSENTRY']._serialized_start=581
-  _globals['_MODELHEADER_METRICSENTRY']._serialized_end=627
-  _globals['_GETAVERAGEDMODELRESPONSE']._serialized_start=1119
-  _globals['_GETAVERAGEDMODELRESPONSE']._serialized_end=1216
-  _globals['_UPDATEMESSAGE']._serialized_start=1218
-  _globals['_UPDATEMESSAGE']._serialized_end=1293
-  _globals['_MODELMESSAGE']._serialized_start=1295
-  _globals['_MODELMESSAGE']._serialized_end=1368
-  _globals['_PARAMETERSERVER']._serialized_start=1581
-  _globals['_PARAMETERSERVER']._serialized_end=2147
+  _globals['_REGISTERCLIENTREQUEST']._serialized_end=227
+  _globals['_REGISTERCLIENTRESPONSE']._serialized_start=230
+  _globals['_REGISTERCLIENTRESPONSE']._serialized_end=470
+  _globals['_UPDATEHEADER']._serialized_start=473
+  _globals['_UPDATEHEADER']._serialized_end=712
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=666
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=712
+  _globals['_SENDUPDATEREQUEST']._serialized_start=714
+  _globals['_SENDUPDATEREQUEST']._serialized_end=805
+  _globals['_SENDUPDATERESPONSE']._serialized_start=807
+  _globals['_SENDUPDATERESPONSE']._serialized_end=897
+  _globals['_GETAVERAGEDMODELREQUEST']._serialized_start=899
+  _globals['_GETAVERAGEDMODELREQUEST']._serialized_end=958
+  _globals['_MODELHEADER']._serialized_start=961
+  _globals['_MODELHEADER']._serialized_end=1202
+  _globals['_MODELHEADER_METRICSENTRY']._serialized_start=666
+  _globals['_MODELHEADER_METRICSENTRY']._serialized_end=712
+  _globals['_GETAVERAGEDMODELRESPONSE']._serialized_start=1204
+  _globals['_GETAVERAGEDMODELRESPONSE']._serialized_end=1301
+  _globals['_UPDATEMESSAGE']._serialized_start=1303
+  _globals['_UPDATEMESSAGE']._serialized_end=1378
+  _globals['_MODELMESSAGE']._serialized_start=1380
+  _globals['_MODELMESSAGE']._serialized_end=1453
+  _globals['_PARAMETERSERVER']._serialized_start=1666
+  _globals['_PARAMETERSERVER']._serialized_end=2232
 # @@protoc_insertion_point(module_scope)

@@ -43,28 +43,34 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterClientRequest(_message.Message):
-    __slots__ = ("client_name",)
+    __slots__ = ("client_name", "tensors")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
     client_name: str
-    def __init__(self, client_name: _Optional[str] = ...) -> None: ...
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, client_name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class RegisterClientResponse(_message.Message):
-    __slots__ = ("client_id", "first_round", "total_rounds", "min_clients", "tensors", "model_round", "max_unary_payload")
+    __slots__ = ("client_id", "first_round", "total_rounds", "clients", "tensors", "model_round", "max_unary_payload", "min_clients", "round_timeout")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
-    MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ROUND_FIELD_NUMBER: _ClassVar[int]
     MAX_UNARY_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     first_round: int
     total_rounds: int
-    min_clients: int
+    clients: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     model_round: int
     max_unary_payload: int
-    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ..., max_unary_payload: _Optional[int] = ...) -> None: ...
+    min_clients: int
+    round_timeout: float
+    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ..., max_unary_payload: _Optional[int] = ..., min_clients: _Optional[int] = ..., round_timeout: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "round", "num_examples", "tensors", "sha256", "metrics")
