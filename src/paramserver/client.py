@@ -255,13 +255,16 @@ class ParameterServerClient:
                 return call()
             except grpc.RpcError as error:
                 failure = error_from_rpc(error)
-                if isinstance(failure, errors.StorageError):
-                    since = policy.now()  # alive, and asking us to wait
+                alive = isinstance(failure, errors.StorageError)  # and asking us to wait
+                if alive:
+                    since = policy.now()
                 waited = policy.now() - since
                 if (error.code() not in retryable or attempt == policy.attempts
-                        or waited >= policy.give_up_after):
+                        or (not alive and waited >= policy.give_up_after)):
                     raise failure from None
-                delay = min(policy.backoff(attempt - 1), policy.give_up_after - waited)
+                delay = policy.backoff(attempt - 1)
+                if not alive:
+                    delay = min(delay, policy.give_up_after - waited)
                 log.warning("%s; retry %d in %.1f s", _one_line(failure), attempt, delay)
                 policy.sleep(delay)
         raise AssertionError("unreachable")

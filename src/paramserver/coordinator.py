@@ -235,7 +235,7 @@ class Coordinator:
             # (cancelled, past its deadline): such an upload must not count.
             if alive is not None and not alive():
                 raise CallEndedError(header.round)
-            first = machine.first_update_at is None
+            first = machine.fastest is None
             accepted = machine.submit(header.client_id, header.round, header.sha256,
                                       writer.commit(), self._clock.now())
             if accepted.closed is not None:

@@ -20,19 +20,22 @@ Rules, all of them here:
 - A round closes when every member of its cohort has sent one update (the
   barrier). The updates come out in canonical order (sorted client ids), which
   is what makes the global model independent of arrival order.
-- The deadline. With a `round_timeout` T, a round's clock starts when its first
-  update is counted (an early one included), so the deadline measures how long
-  the clients that are done wait for the others, not how long training takes:
-  a slow first round (cold start, a large download) does not count against it,
-  and every client waiting at the barrier has a deadline running. A `tick(now)`
-  at or after first update + T closes the round with the updates it has if
-  there are at least `min_clients`, else aborts it: its updates are discarded,
-  the global model stays, and the next round begins. A round still waiting for
-  clients is treated the same way, its active clients standing in for the
-  cohort. Cohort members that sent nothing become inactive (dropouts) and are
-  left out of later cohorts until they register again, so a dead client never
-  holds up more than one round. A round that has received nothing has no
-  deadline: nobody waits on it.
+- The deadline. With a `round_timeout` T, a round waits for each of its
+  clients at most T longer than its fastest client took: a client that could
+  start at time s (when the round began, or when it registered while the round
+  waited for clients) is late after s + fastest + T, where `fastest` is the
+  shortest time from start to update of any update of the round. So the clock
+  runs once the first update is in, the deadline measures the spread between
+  clients and not how long training takes (a slow first round, a cold start or
+  a large download, costs every client alike), and every client waiting at the
+  barrier has a deadline running. A `tick(now)` at or after the deadline closes
+  the round with the updates it has if there are at least `min_clients`, else
+  aborts it: its updates are discarded, the global model stays, and the next
+  round begins. A round still waiting for clients is treated the same way, its
+  active clients standing in for the cohort. Cohort members that sent nothing
+  become inactive (dropouts) and are left out of later cohorts until they
+  register again, so a dead client never holds up more than one round. A round
+  that has received nothing has no deadline: nobody waits on it.
 - A closed round is AGGREGATING until the transport reports the global model
   published; then the next round opens, or the run is FINISHED after
   `total_rounds`. A round after the first opens once `min_clients` clients are
@@ -162,7 +165,10 @@ class RoundMachine(Generic[P]):
     open_round: int = 1
     published_round: int = 0
     opened_at: float | None = None
-    first_update_at: float | None = None  # starts the open round's clock
+    # When each client of the open round (or of the cohort it waits for) could
+    # start on it, and the shortest time any of them took to send: the deadline.
+    ready_at: dict[str, float] = field(default_factory=dict)
+    fastest: float | None = None
     registered: dict[str, int] = field(default_factory=dict)  # name -> round registered in
     inactive: set[str] = field(default_factory=set)
     cohort: frozenset[str] = frozenset()
@@ -202,8 +208,8 @@ class RoundMachine(Generic[P]):
         if duplicate is not None:
             return duplicate
         self.received[client_id] = Update(client_id, digest, payload)
-        if self.first_update_at is None:
-            self.first_update_at = now
+        took = max(0.0, now - self.ready_at.get(client_id, now))
+        self.fastest = took if self.fastest is None else min(self.fastest, took)
         closed = None
         if self.phase is Phase.COLLECTING and self.received.keys() >= self.cohort:
             closed = self._close()
@@ -229,12 +235,15 @@ class RoundMachine(Generic[P]):
 
     @property
     def deadline(self) -> float | None:
-        """When the open round times out; None if it cannot (no timeout, no
-        update yet, or not open for updates)."""
-        if (self.round_timeout is None or self.first_update_at is None
+        """When the open round times out: the latest start of its clients plus
+        the fastest client's time plus the timeout. None if it cannot (no
+        timeout, no update yet, or not open for updates)."""
+        if (self.round_timeout is None or self.fastest is None
                 or self.phase not in (Phase.WAITING_FOR_CLIENTS, Phase.COLLECTING)):
             return None
-        return self.first_update_at + self.round_timeout
+        members = self.active if self.phase is Phase.WAITING_FOR_CLIENTS else self.cohort
+        latest = max((self.ready_at[m] for m in members if m in self.ready_at), default=0.0)
+        return latest + self.fastest + self.round_timeout
 
     def check_register(self, name: str) -> bool:
         """Raises what `register` would raise; True if `name` is new."""
@@ -308,6 +317,7 @@ class RoundMachine(Generic[P]):
 
     def _register_while_waiting(self, name: str, now: float) -> int:
         self._enrol(name)
+        self.ready_at.setdefault(name, now)  # new or back: its clock starts now
         if len(self.active) >= self._needed_to_open():
             self._open(now)
         return self.open_round
@@ -353,7 +363,8 @@ class RoundMachine(Generic[P]):
     def _next_round(self, now: float) -> None:
         self.received = {}
         self.cohort = frozenset()
-        self.first_update_at = None
+        self.ready_at = dict.fromkeys(self.active, now)
+        self.fastest = None
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:
             self.phase = Phase.FINISHED
@@ -364,7 +375,7 @@ class RoundMachine(Generic[P]):
 
     def _open(self, now: float) -> None:
         # Updates sent while the round waited stay (and so does the clock
-        # their first one started). They cannot already complete the cohort:
+        # they started). They cannot already complete the cohort:
         # the registration that opens it adds a client that was not active
         # before, so it has not sent.
         self.phase = Phase.COLLECTING
@@ -401,8 +412,9 @@ class RoundMachine(Generic[P]):
         """Puts a fresh machine in the state a crashed server left on disk:
         `received` are the updates acknowledged for `open_round`, `cohort` that
         round's cohort if it had opened, `last` what is known of the published
-        round. A round with updates gets a fresh clock (its first update is
-        taken as arriving `now`). Returns the closed round if those updates
+        round. A round with updates gets a fresh clock: every client as
+        starting `now`, and an update as arriving then. Returns the closed
+        round if those updates
         already complete it (aggregate it, then call `published`)."""
         if self.registered or self.open_round != 1:
             raise IllegalTransitionError("restore needs a fresh machine")
@@ -417,7 +429,8 @@ class RoundMachine(Generic[P]):
             return None
         members = self.registered.keys() if cohort is None else cohort
         self.received = {u.client_id: u for u in received if u.client_id in members}
-        self.first_update_at = now if self.received else None
+        self.ready_at = dict.fromkeys(members, now)  # a restart restarts the clock
+        self.fastest = 0.0 if self.received else None
         if cohort is None:
             self.phase = Phase.WAITING_FOR_CLIENTS
             if len(self.active) >= self._needed_to_open():

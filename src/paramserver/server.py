@@ -245,13 +245,22 @@ def _parsed(request: M | wire.Unparseable) -> M:
     return request
 
 
+# An upload is committed only with at least this much of its deadline left: the
+# client's deadline may pass a moment before the server's (which starts when
+# the call arrives), and an ack that cannot arrive in time must not exist.
+COMMIT_MARGIN = 0.05
+
+
 def _call_alive(context: grpc.ServicerContext) -> Callable[[], bool]:
-    """Whether the call can still be answered: not cancelled, not past its
-    deadline. Asked at the last moment before an update is committed."""
+    """Whether the call can still be answered: not cancelled, not (about to
+    be) past its deadline. Asked at the last moment before an update is
+    committed. gRPC learns of a cancellation asynchronously, so a cancel that
+    reaches the server after this check cannot undo the commit: the .proto
+    says what a client may assume."""
 
     def alive() -> bool:
         remaining = context.time_remaining()
-        return context.is_active() and (remaining is None or remaining > 0)
+        return context.is_active() and (remaining is None or remaining > COMMIT_MARGIN)
 
     return alive
 

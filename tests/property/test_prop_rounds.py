@@ -65,7 +65,8 @@ def snapshot(machine: RoundMachine[str]) -> Snapshot:
     """Everything the machine holds, by value."""
     return (machine.clients, machine.total_rounds, machine.capacity, machine.round_timeout,
             machine.min_clients, machine.phase, machine.open_round, machine.published_round,
-            machine.opened_at, machine.first_update_at, dict(machine.registered),
+            machine.opened_at, dict(machine.ready_at), machine.fastest,
+            dict(machine.registered),
             set(machine.inactive), machine.cohort, dict(machine.received),
             dict(machine.last_digests), machine.last_cohort_size)
 
@@ -85,7 +86,11 @@ class Model:
     open_round: int = 1
     published_round: int = 0
     opened_at: float | None = None
-    first_update_at: float | None = None  # the round's clock starts with its first update
+    # Each client may take as long as the round's fastest client did, plus the
+    # timeout, from when it could start (the round began, or it registered
+    # while the round waited for clients).
+    started: dict[str, float] = field(default_factory=dict)
+    fastest: float | None = None
     cohort: set[str] = field(default_factory=set)
     sent: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # -> (digest, payload)
     # The digests of the last published round: resending one of them (an upload
@@ -99,10 +104,11 @@ class Model:
 
     @property
     def deadline(self) -> float | None:
-        if (self.round_timeout is None or self.first_update_at is None
+        if (self.round_timeout is None or self.fastest is None
                 or self.phase not in (Phase.WAITING_FOR_CLIENTS, Phase.COLLECTING)):
             return None
-        return self.first_update_at + self.round_timeout
+        members = self.active if self.phase is Phase.WAITING_FOR_CLIENTS else self.cohort
+        return max(self.started[m] for m in members) + self.fastest + self.round_timeout
 
     def needed_to_open(self) -> int:
         return self.clients if self.open_round == 1 else self.min_clients
@@ -119,7 +125,8 @@ class Model:
     def next_round(self, now: float) -> None:
         self.sent = {}
         self.cohort = set()
-        self.first_update_at = None
+        self.started = {c: now for c in self.active}
+        self.fastest = None
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:
             self.phase = Phase.FINISHED
@@ -258,6 +265,7 @@ class BarrierMachine(RuleBasedStateMachine):
         model.registered.setdefault(name, model.open_round)
         model.inactive.discard(name)
         if model.phase is Phase.WAITING_FOR_CLIENTS:
+            model.started.setdefault(name, now)  # joins the round it waits for, now
             first = model.open_round
             if len(model.active) >= model.needed_to_open():
                 model.open(now)
@@ -328,8 +336,8 @@ class BarrierMachine(RuleBasedStateMachine):
             return
         assert model.phase in (Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS)
         model.sent[client] = (digest, payload)
-        if model.first_update_at is None:
-            model.first_update_at = now
+        took = now - model.started[client]
+        model.fastest = took if model.fastest is None else min(model.fastest, took)
         assert accepted.round == round
         assert not accepted.duplicate
         assert (accepted.received, accepted.expected) == (len(model.sent), model.expected())
@@ -416,7 +424,8 @@ class BarrierMachine(RuleBasedStateMachine):
         assert m.open_round == model.open_round
         assert m.published_round == model.published_round
         assert m.opened_at == model.opened_at
-        assert m.first_update_at == model.first_update_at
+        assert m.fastest == model.fastest
+        assert m.deadline == model.deadline
         assert m.registered == model.registered
         assert m.inactive == model.inactive
         assert m.active == frozenset(model.active)
@@ -464,9 +473,12 @@ class BarrierMachine(RuleBasedStateMachine):
             return
         m, timeout = self.machine, self.machine.round_timeout
         if m.received and m.phase in (Phase.WAITING_FOR_CLIENTS, Phase.COLLECTING):
-            assert m.deadline is not None, f"round {m.open_round} waits with no clock"
-            assert m.first_update_at is not None
-            assert m.deadline == m.first_update_at + timeout
+            deadline = m.deadline
+            assert deadline is not None, f"round {m.open_round} waits with no clock"
+            # No later than T after the last client could start plus the
+            # time the fastest took: never for ever.
+            assert m.fastest is not None
+            assert deadline <= self.now + m.fastest + timeout
 
 
 # Shrinking a failing run of the machine takes a minute or more (hypothesis

@@ -412,7 +412,8 @@ def test_a_global_model_the_disk_refuses_is_written_once_it_can_be(
     send(coordinator, "a", 1, 1.0)
     send(coordinator, "b", 1, 3.0)
     assert refused.wait(WAIT)
-    clock.advance(60.0)  # the retry's backoff
+    assert clock.wait_for_sleeper()  # the aggregation backs off before it retries
+    clock.advance(60.0)
     assert wait(coordinator, "a", 1).header.num_updates == 2
     assert health == [False, True]
 

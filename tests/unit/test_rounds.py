@@ -223,3 +223,29 @@ def test_the_retry_of_a_lost_ack_after_the_close_states_the_cohort() -> None:
     machine.published(1, 6.0)
     again = machine.submit("c0", 1, b"a", "p", 7.0)
     assert (again.duplicate, again.received, again.expected) == (True, 1, 3)
+
+
+def test_a_late_registrant_gets_as_long_as_the_fastest_client_took() -> None:
+    """Round 1 with a cold start: a registered at 0 and needed 10 s for its
+    first update; b registers at 20 and gets the same 10 s plus the timeout,
+    so a timeout sized for the spread of the steady state (5 s) works from
+    round 1."""
+    machine: RoundMachine[str] = RoundMachine(clients=2, min_clients=2, round_timeout=5.0)
+    machine.register("a", 0.0)
+    machine.submit("a", 1, b"a", "p", 10.0)
+    assert machine.deadline == 15.0  # nobody else has registered yet
+    machine.register("b", 20.0)
+    assert machine.phase is Phase.COLLECTING
+    assert machine.deadline == 35.0
+    assert machine.tick(34.0) is None
+    accepted = machine.submit("b", 1, b"b", "p", 33.0)
+    assert accepted.closed is not None  # b made it: no dropout, no abort
+
+
+def test_in_later_rounds_the_deadline_is_the_first_update_plus_the_timeout() -> None:
+    machine = timed(n=2, quorum=1)
+    machine.submit("c0", 1, b"a", "p", 1.0)
+    machine.submit("c1", 1, b"b", "p", 2.0)
+    machine.published(1, 3.0)  # round 2 begins: everyone starts at 3
+    machine.submit("c1", 2, b"b", "p", 7.0)
+    assert machine.deadline == 12.0
