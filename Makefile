@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
-.PHONY: demo test lint types drift unit property integration bench soak chaos proto clean
+.PHONY: demo test stress-test lint types drift unit property integration bench soak chaos proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 	$(BIN)/paramserver demo
 
 test: lint types drift unit property integration
+
+# `make test` while two busy processes load the CPU: the suite must hold on a busy machine.
+stress-test: $(STAMP)
+	$(BIN)/python scripts/busy.py 2 -- $(MAKE) test
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -240,6 +240,9 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # gRPC's C core prints its own lines (a failed bind, say) beside ours,
+    # which already say what went wrong: quiet unless asked for.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     logging.basicConfig(level=args.log_level, stream=sys.stdout,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)  # many processes share few cores; also keeps runs reproducible
@@ -440,18 +443,24 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _spawn_demo_client(args: argparse.Namespace, workdir: Path, name: str, port: int,
                        common: list[str]) -> subprocess.Popen[bytes]:
-    streaming = ["--streaming"] if args.streaming else []
     log_file = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
     try:
-        return processes.spawn(processes.paramserver_command(
-            "client", name, "--server", f"127.0.0.1:{port}", "--summary-file",
-            str(workdir / f"{name}.json"), "--lr", str(args.lr), "--batch-size",
-            str(args.batch_size), "--epochs", str(args.epochs), "--examples",
-            str(args.examples), "--chunk-size", str(args.chunk_size), "--round-wait",
-            str(args.round_wait), "--connect-timeout", str(args.connect_timeout),
-            *streaming, *common), log_file)
+        return processes.spawn(demo_client_command(args, workdir, name, port, common), log_file)
     finally:
         log_file.close()
+
+
+def demo_client_command(args: argparse.Namespace, workdir: Path, name: str, port: int,
+                        common: list[str]) -> list[str]:
+    """A demo client: every client option of `demo` passed on."""
+    streaming = ["--streaming"] if args.streaming else []
+    return processes.paramserver_command(
+        "client", name, "--server", f"127.0.0.1:{port}", "--summary-file",
+        str(workdir / f"{name}.json"), "--lr", str(args.lr), "--batch-size",
+        str(args.batch_size), "--epochs", str(args.epochs), "--examples",
+        str(args.examples), "--chunk-size", str(args.chunk_size), "--round-wait",
+        str(args.round_wait), "--connect-timeout", str(args.connect_timeout),
+        *streaming, *common)
 
 
 def _report(args: argparse.Namespace, workdir: Path, round_log: Path, codes: list[int],

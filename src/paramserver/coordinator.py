@@ -363,6 +363,7 @@ class Coordinator:
         # were dropped at start-up (Journal.resume).
         self._spool.drop_round(previous)
         self._log_round(header, time.perf_counter() - started, opened_at)
+        faults.maybe_crash("after_publish", accepted.round)
 
     def _evaluate(self, payload: bytes | bytearray) -> dict[str, float]:
         # A broken evaluator must not stop training (nor, as a fail-stop, make

@@ -35,6 +35,7 @@ from paramserver.errors import (
     DecodeError,
     InvalidClientNameError,
     MalformedUpdateError,
+    ModelMismatchError,
     ParamServerError,
     PayloadTooLargeError,
     RoundAbortedError,
@@ -140,11 +141,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                        context: grpc.ServicerContext) -> pb.RegisterClientResponse:
         with _status_from_errors(context, "RegisterClient"):
             request = _parsed(request)
-            specs = None
-            if request.tensors:  # optional: the client's model, checked before it joins
-                codec.check_spec_count(request.tensors, self._coordinator.specs)
-                specs = codec.specs_from_proto(request.tensors)
-            reg = self._coordinator.register(request.client_name, specs)
+            reg = self._coordinator.register(request.client_name, self._client_model(request))
             config = self._config
             return pb.RegisterClientResponse(
                 client_id=reg.client_id, first_round=reg.first_round,
@@ -194,6 +191,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             model = self._coordinator.wait_for_model(header.client_id, accepted.round,
                                                      context.time_remaining)
         return self._model_message(model, accepted.round, context)
+
+    def _client_model(self, request: pb.RegisterClientRequest) -> codec.ModelSpec | None:
+        """The client's model, if it sent its specs (optional), checked for
+        their count before any is decoded; the coordinator compares them."""
+        if not request.tensors:
+            return None
+        try:
+            codec.check_spec_count(request.tensors, self._coordinator.specs)
+        except MalformedUpdateError as error:
+            raise ModelMismatchError(f"the client's model is not the server's: {error}") from None
+        return codec.specs_from_proto(request.tensors)
 
     def _header(self, message: pb.UpdateHeader) -> codec.UpdateHeader:
         # The spec count first: 100,000 specs are refused before any is decoded.

@@ -135,9 +135,12 @@ def test_client_killed_and_restarted_rejoins_and_matches(
 @pytest.mark.timeout(200)
 def test_client_dead_for_good_holds_up_one_round_at_most(
         server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path) -> None:
+    # The deadline gives every client as long as the fastest took plus 15 s:
+    # only a dead client is that late, whatever the machine's load (and the
+    # test pays those 15 s once, in round 2).
     socket, address = socket_address(tmp_path)
     server = start_server(server_factory, socket, tmp_path / "state",
-                          "--round-timeout", "4", "--min-clients", "2")
+                          "--round-timeout", "15", "--min-clients", "2")
     steady = start_clients(client_factory, address, NAMES[1:])
     victim = client_factory(NAMES[0], address, "--seed", "0", examples=EXAMPLES,
                             env={CRASH_ENV: f"client_before_upload:{CRASH_ROUND}"})
@@ -145,9 +148,11 @@ def test_client_dead_for_good_holds_up_one_round_at_most(
     finish(steady)
     records = server.wait_for_rounds(ROUNDS)
     check_run(records, steady, expected_updates={2: 2, 3: 2})
-    assert "round 2 closed at its deadline with 2 of 3 updates" in server.log()
-    # Round 3 no longer waits for the dead client: it closes as soon as both are in.
-    assert records[2]["round_seconds"] < 4, records
+    log = server.log()
+    assert "round 2 closed at its deadline with 2 of 3 updates" in log
+    # Round 3 no longer waits for the dead client: its cohort is the two
+    # living clients, and it closes when both are in, not at a deadline.
+    assert "round 3 closed at its deadline" not in log, log
 
 
 @pytest.mark.timeout(200)

@@ -77,7 +77,8 @@ class ParameterServerServicer:
         open takes part from round r+1 (first_round in the response). Registering
         again is also how a client re-syncs after a crash, a dropout, an aborted
         round or a FAILED_PRECONDITION: the response says which model to fetch
-        (model_round) and which round to send for (first_round).
+        (model_round) and which round to send for (first_round). After the last
+        round, first_round = total_rounds + 1 (see ROUNDS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,11 +87,30 @@ class ParameterServerServicer:
     def SendUpdate(self, request_iterator, context):
         """Sends one client's parameters for one round, as a client stream: exactly
         one UpdateHeader first, then the payload in any number of data chunks
-        (each at most a few MiB), then half-close. The server acknowledges only
-        after the whole update has been received and validated against the global
-        model's specs. Re-sending the identical update (same sha256) for the same
-        round is acknowledged again and counted once (duplicate = true), also just
-        after that round closed, so an upload may be retried safely.
+        (see TENSORS AND PAYLOADS for their size), then half-close. The server counts the update once
+        the stream has ended, the whole payload has been validated against the
+        global model's specs and written durably, and only if the call is still
+        alive at that moment (not cancelled, with at least 50 ms of its deadline
+        left); then it acknowledges. What a client may assume:
+        OK                      counted, durably (duplicate = true: it already was).
+        an error the server     not counted, nothing changed (the codes above).
+        sent (with ErrorInfo)
+        CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE without ErrorInfo (the call
+        died: the client cancelled it, its deadline passed, the connection broke)
+        unknown: gRPC reports a cancellation to the
+        server asynchronously, so a call that dies just
+        as the server commits may have counted. Resolve
+        it by sending the identical update again: OK with
+        duplicate = true means it had counted, OK with
+        duplicate = false means it counts now. Do not
+        send a different update for that round instead
+        (ALREADY_EXISTS if the first one counted).
+        An upload that never half-closes (cancelled, or its deadline passes after
+        every byte was sent) is not counted when the server learns of that before
+        the commit, which it does for a deadline and nearly always for a cancel.
+        Re-sending the identical update (same sha256) for the same round is
+        acknowledged again and counted once (duplicate = true), also after that
+        round closed and was published, so an upload may be retried safely.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,7 +119,9 @@ class ParameterServerServicer:
     def GetAveragedModel(self, request, context):
         """Streams the global model after round `round`: one ModelHeader, then the
         payload in data chunks. If that round has not closed yet, the call waits
-        (no polling) until it closes or the caller's deadline passes.
+        (no polling) until it is published (then the model), aborted (ABORTED) or
+        the caller's deadline passes (DEADLINE_EXCEEDED: the round may still close;
+        ask again or re-register).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
