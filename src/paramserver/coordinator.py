@@ -68,7 +68,7 @@ from paramserver.rounds import (
     Update,
 )
 from paramserver.spool import Spool, SpooledUpdate, SpoolWriter, aggregate
-from paramserver.state import StateDir
+from paramserver.state import StateDir, StorageHealth
 
 log = logging.getLogger("paramserver.server")
 
@@ -84,6 +84,34 @@ class GlobalModel:
 
     header: codec.ModelHeader
     payload: bytes | bytearray
+
+
+@dataclass
+class RunEnd:
+    """After the last round: who has fetched the final model, and whether the
+    server may stop serving it (every active client has it, or `linger`
+    seconds have passed). Pure; the coordinator's lock guards it."""
+
+    linger: float
+    finished_at: float | None = None
+    fetched: set[str] = field(default_factory=set)
+    reported: bool = False
+
+    def finish(self, now: float) -> bool:
+        """The run has just finished: True the first time."""
+        first = self.finished_at is None
+        if first:
+            self.finished_at = now
+        return first
+
+    def over(self, active: frozenset[str], now: float) -> bool:
+        wake = self.wake_at()
+        return wake is not None and (active <= self.fetched or now >= wake)
+
+    def wake_at(self) -> float | None:
+        if self.finished_at is None or self.reported:
+            return None
+        return self.finished_at + self.linger
 
 
 @dataclass
@@ -136,12 +164,9 @@ class Coordinator:
         self._persisted_round = 0
         self._adopt_next_round = False
         self._workers: list[threading.Thread] = []
-        self._storage_ok = True
-        self._storage_lock = threading.Lock()
-        self._finished_at: float | None = None
-        self._finish_reported = False
-        self._fetched_final: set[str] = set()
+        self._end = RunEnd(config.linger)
         self._state = StateDir(config.state_dir, durable=config.durable)
+        self._storage = StorageHealth(config.state_dir, config.on_storage)
         try:
             self._spool = Spool(config.state_dir / "updates", durable=config.durable)
             self._journal = Journal(self._state, self._spool)
@@ -219,7 +244,7 @@ class Coordinator:
             raise self._storage_error(f"an update for round {header.round}", error) from error
         finally:
             writer.discard()  # no-op after commit
-        self._storage_recovered()
+        self._storage.recovered()
         faults.maybe_crash("before_ack", header.round)
         faults.crash_at_next_call("after_ack", header.round)
         return accepted
@@ -299,8 +324,7 @@ class Coordinator:
 
     @property
     def storage_ok(self) -> bool:
-        with self._storage_lock:
-            return self._storage_ok
+        return self._storage.ok
 
     # -- rounds -------------------------------------------------------------------
 
@@ -394,11 +418,11 @@ class Coordinator:
                 if deadline is not None and now >= deadline:
                     self._apply_deadline(now)
                     continue
-                if self._run_is_over(now):
-                    self._finish_reported = True
+                if self._end.over(self._machine.active, now):
+                    self._end.reported = True
                     on_finished = self._config.on_finished
                 else:
-                    wake = min((t for t in (deadline, self._linger_end()) if t is not None),
+                    wake = min((t for t in (deadline, self._end.wake_at()) if t is not None),
                                default=None)
                     self._clock.wait(self._cond, None if wake is None else wake - now)
                     continue
@@ -418,7 +442,7 @@ class Coordinator:
             else:
                 self._journal.record_aborted(round)
         except OSError as error:
-            self._storage_failed(f"the deadline record of round {round}", error)
+            self._storage.failed(f"the deadline record of round {round}", error)
             self._clock.wait(self._cond, STORAGE_RETRY_MAX)
             return
         outcome = machine.tick(now)
@@ -435,32 +459,19 @@ class Coordinator:
     def _after_transition(self) -> None:
         # Under the lock, after a round was published or aborted.
         self._persist_round_opened()
-        if self._machine.phase is Phase.FINISHED and self._finished_at is None:
-            self._finished_at = self._clock.now()
+        machine = self._machine
+        if machine.phase is Phase.FINISHED and self._end.finish(self._clock.now()):
             log.info("run finished after round %d; serving the final model (round %d) "
                      "until every client has fetched it, at most %.0f s",
-                     self._machine.open_round - 1, self._machine.published_round,
-                     self._config.linger)
+                     machine.open_round - 1, machine.published_round, self._config.linger)
         self._cond.notify_all()
 
     def _note_fetch(self, client_id: str, round: int) -> None:
         # Under the lock: a client got the final model.
         machine = self._machine
         if machine.phase is Phase.FINISHED and round == machine.published_round:
-            self._fetched_final.add(client_id)
+            self._end.fetched.add(client_id)
             self._cond.notify_all()
-
-    def _run_is_over(self, now: float) -> bool:
-        # Under the lock: finished, and drained or lingered long enough.
-        linger_end = self._linger_end()
-        if linger_end is None:
-            return False
-        return self._machine.active <= self._fetched_final or now >= linger_end
-
-    def _linger_end(self) -> float | None:
-        if self._finished_at is None or self._finish_reported:
-            return None
-        return self._finished_at + self._config.linger
 
     def _persist_round_opened(self) -> None:
         # Under the lock: record each round's cohort once, when it opens. If
@@ -471,7 +482,7 @@ class Coordinator:
             try:
                 self._journal.record_cohort(machine.open_round, machine.cohort)
             except OSError as error:
-                self._storage_failed(f"the cohort of round {machine.open_round}", error)
+                self._storage.failed(f"the cohort of round {machine.open_round}", error)
                 return
             self._persisted_round = machine.open_round
             self._cond.notify_all()  # the timer may have a new deadline
@@ -483,7 +494,7 @@ class Coordinator:
             write(*args)
         except OSError as error:
             raise self._storage_error(what, error) from error
-        self._storage_recovered()
+        self._storage.recovered()
 
     def _write_until_done(self, what: str, write: Callable[[], None]) -> bool:
         """Retries `write` with backoff while the disk refuses it. False if the
@@ -493,7 +504,7 @@ class Coordinator:
             try:
                 write()
             except OSError as error:
-                self._storage_failed(what, error)
+                self._storage.failed(what, error)
                 with self._cond:
                     if not self._stopping:
                         self._clock.wait(self._cond, delay)
@@ -501,29 +512,12 @@ class Coordinator:
                         return False
                 delay = min(2 * delay, STORAGE_RETRY_MAX)
                 continue
-            self._storage_recovered()
+            self._storage.recovered()
             return True
 
     def _storage_error(self, what: str, error: OSError) -> StorageError:
-        self._storage_failed(what, error)
+        self._storage.failed(what, error)
         return StorageError(what, error)
-
-    def _storage_failed(self, what: str, error: OSError) -> None:
-        with self._storage_lock:
-            changed, self._storage_ok = self._storage_ok, False
-        if changed:
-            log.error("cannot write %s to %s (%s); refusing uploads with UNAVAILABLE until "
-                      "the state dir takes writes again", what, self._state.root, error)
-            if self._config.on_storage is not None:
-                self._config.on_storage(False)
-
-    def _storage_recovered(self) -> None:
-        with self._storage_lock:
-            changed, self._storage_ok = not self._storage_ok, True
-        if changed:
-            log.warning("the state dir %s takes writes again", self._state.root)
-            if self._config.on_storage is not None:
-                self._config.on_storage(True)
 
     def _sync_round(self, round: int) -> None:
         try:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,39 @@ PREVIOUS_MODEL_FILE = "global.model.prev"
 CLIENTS_FILE = "clients.json"
 RUN_FILE = "run.json"
 LOCK_FILE = "lock"
+
+
+class StorageHealth:
+    """Whether the state dir takes writes. The first failure after a success
+    (and the first success after a failure) is logged and told to `listener`
+    (the transport's health); the ones in between are not. Thread-safe."""
+
+    def __init__(self, root: Path, listener: Callable[[bool], None] | None) -> None:
+        self._root = root
+        self._listener = listener
+        self._ok = True
+        self._lock = threading.Lock()
+
+    @property
+    def ok(self) -> bool:
+        with self._lock:
+            return self._ok
+
+    def failed(self, what: str, error: OSError) -> None:
+        if self._change(False):
+            log.error("cannot write %s to %s (%s); refusing uploads with UNAVAILABLE until "
+                      "the state dir takes writes again", what, self._root, error)
+
+    def recovered(self) -> None:
+        if self._change(True):
+            log.warning("the state dir %s takes writes again", self._root)
+
+    def _change(self, ok: bool) -> bool:
+        with self._lock:
+            changed, self._ok = self._ok != ok, ok
+        if changed and self._listener is not None:
+            self._listener(ok)
+        return changed
 
 
 class StateDirError(ParamServerError):

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from hypothesis import given, settings
@@ -31,7 +31,9 @@ from paramserver.coordinator import ServerConfig
 from paramserver.server import (
     MAX_STATUS_MESSAGE,
     BindError,
+    ParameterServerServicer,
     RunningServer,
+    _abort,
     create_server,
 )
 from paramserver.state import LOCK_FILE
@@ -284,16 +286,18 @@ def test_an_unreachable_server_is_given_up_after_the_connect_timeout() -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    clock = [0.0]
+    slept: list[float] = []
 
     def sleep(seconds: float) -> None:
-        clock[0] += seconds
+        slept.append(seconds)
 
-    policy = RetryPolicy(attempts=1000, give_up_after=5.0, sleep=sleep, now=lambda: clock[0])
+    policy = RetryPolicy(attempts=1000, give_up_after=5.0, sleep=sleep, now=lambda: sum(slept))
     with (ParameterServerClient(f"127.0.0.1:{port}", timeout=TIMEOUT, retry=policy) as client,
           pytest.raises(errors.ParamServerError, match="UNAVAILABLE")):
         client.register("a")
-    assert clock[0] == pytest.approx(5.0)
+    assert sum(slept) == pytest.approx(5.0)  # gave up after 5 s of backoff, not 1000 attempts
+    assert all(s >= 0 for s in slept)
+    assert len(slept) < 100
 
 
 # -- lifecycle ---------------------------------------------------------------------------------
@@ -374,3 +378,64 @@ def test_a_failed_bind_leaves_nothing_locked(tmp_path: Path) -> None:
     assert not lock_is_held(tmp_path / "state")
     with serving(tmp_path / "state"):  # the same state dir, at once
         pass
+
+
+class EndedCall:
+    """A ServicerContext whose call has ended (the client cancelled) by the
+    time the handler would commit: what gRPC reports a moment after the
+    stream's last message."""
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    def abort_with_status(self, status: object) -> None:
+        raise RuntimeError(f"aborted: {status}")
+
+    def abort(self, code: object, details: str) -> None:
+        raise RuntimeError(f"aborted: {code} {details}")
+
+
+def test_the_servicer_commits_an_upload_only_while_its_call_is_alive(tmp_path: Path) -> None:
+    running = create_server(ServerConfig(clients=2, state_dir=tmp_path / "state"), MODEL)
+    try:
+        servicer = ParameterServerServicer(running.coordinator, 16, ServerConfig(clients=2))
+        running.coordinator.register("a")
+        decode = wire.Decoder(pb.SendUpdateRequest, pb.UpdateHeader)
+        parts = [decode(m) for m in upload_messages("a", 1.0)]
+        with pytest.raises(RuntimeError, match="aborted"):
+            servicer.SendUpdate(iter(parts), EndedCall())  # type: ignore[arg-type]
+        header = codec.update_header_from_proto(parts[0].header)  # type: ignore[arg-type]
+        assert running.coordinator.check_submit(header) is None, "the ended upload counted"
+    finally:
+        running.stop(grace=0)
+
+
+def test_every_status_message_and_detail_is_bounded() -> None:
+    """Whatever an error says: the transport cuts it (the errors themselves
+    quote values short too, see test_errors_quote_values_short)."""
+    captured: list[object] = []
+
+    class Capture(EndedCall):
+        def abort_with_status(self, status: object) -> None:
+            captured.append(status)
+            raise RuntimeError("aborted")
+
+    error = errors.ParamServerError("x" * 100_000)
+    error.tensor = "t" * 100_000  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError):
+        _abort(Capture(), error)  # type: ignore[arg-type]
+    status = captured[0]
+    assert len(status.details) <= MAX_STATUS_MESSAGE  # type: ignore[attr-defined]
+    info = error_details_pb2.ErrorInfo()
+    status_proto = status_pb2.Status.FromString(
+        dict(status.trailing_metadata)["grpc-status-details-bin"])  # type: ignore[attr-defined]
+    assert status_proto.details[0].Unpack(info)
+    assert all(len(v) <= 128 for v in info.metadata.values())
+
+
+def test_errors_quote_values_short() -> None:
+    assert len(str(errors.InvalidClientNameError("n" * 10**6, "too long"))) < 200
+    assert len(str(errors.MalformedUpdateError("bad", tensor="t" * 10**6))) < 200
