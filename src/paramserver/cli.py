@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -65,7 +66,9 @@ def _number(convert: Callable[[str], float], low: float, what: str,
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value >= low:  # also refuses NaN
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
         return value
 
@@ -230,6 +233,10 @@ def _validate(args: argparse.Namespace) -> None:
         if args.capacity < args.clients:
             raise UsageError(f"--capacity ({args.capacity}) is less than --clients "
                              f"({args.clients})")
+    for path in (getattr(args, "ready_file", None), getattr(args, "summary_file", None),
+                 getattr(args, "round_log", None)):
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"{path}: no directory {path.parent}")
     if getattr(args, "chunk_size", 0) > codec.MAX_CHUNK_SIZE:
         raise UsageError(f"--chunk-size is at most {codec.MAX_CHUNK_SIZE}, "
                          f"got {args.chunk_size}")
@@ -284,8 +291,6 @@ def run_serve(args: argparse.Namespace) -> int:
     model = training.build_model(args.model, args.seed)
     evaluator = (training.make_evaluator(args.model, args.seed, args.eval_examples)
                  if args.eval_examples > 0 else None)
-    if args.fresh and args.state_dir.is_dir():
-        shutil.rmtree(args.state_dir)
     stopping = threading.Event()
     failures: list[BaseException] = []
     finished = threading.Event()
@@ -302,7 +307,7 @@ def run_serve(args: argparse.Namespace) -> int:
         clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,
         round_timeout=args.round_timeout or None, min_clients=args.min_clients,
         chunk_size=args.chunk_size, state_dir=args.state_dir, durable=not args.no_fsync,
-        round_log=args.round_log, evaluator=evaluator, linger=args.linger,
+        round_log=args.round_log, evaluator=evaluator, linger=args.linger, fresh=args.fresh,
         on_failure=on_failure, on_finished=on_finished)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -388,7 +393,7 @@ def run_client(args: argparse.Namespace) -> int:
                       f"{ack.received}/{ack.expected or '?'} in", flush=True)
                 model_round, round = round, round + 1
             except (errors.RoundError, errors.RoundAbortedError, errors.UnknownClientError,
-                    errors.WaitTimeoutError) as error:
+                    errors.WaitTimeoutError, errors.ConflictingUpdateError) as error:
                 resyncs += 1
                 if resyncs > MAX_RESYNCS:
                     raise
@@ -413,11 +418,12 @@ def run_bench(args: argparse.Namespace) -> int:
 # -- demo ----------------------------------------------------------------------
 
 
+DEMO_MARKER = ".paramserver-demo"
+
+
 def run_demo(args: argparse.Namespace) -> int:
     workdir: Path = args.workdir
-    if workdir.exists():  # a fresh run every time: the same seed gives the same digest
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    _prepare_demo_workdir(workdir)
     ready, round_log = workdir / "server.ready", workdir / "rounds.jsonl"
     common = ["--model", args.model, "--seed", str(args.seed)]
     started = time.monotonic()
@@ -429,16 +435,47 @@ def run_demo(args: argparse.Namespace) -> int:
             *common), server_log)
         clients = []
         try:
-            port = processes.wait_for_ready_file(ready, server, timeout=60)
+            try:
+                port = processes.wait_for_ready_file(ready, server, timeout=60)
+            except (RuntimeError, TimeoutError) as error:
+                raise errors.ParamServerError(
+                    f"the demo's server did not start ({error}); see {workdir / 'server.log'}"
+                    ) from None
             print(f"server on 127.0.0.1:{port}; {args.clients} clients, {args.rounds} rounds; "
                   f"logs in {workdir}", flush=True)
             for i in range(1, args.clients + 1):
                 clients.append(_spawn_demo_client(args, workdir, f"client{i}", port, common))
-            codes = [c.wait(timeout=args.round_wait * args.rounds + 60) for c in clients]
+            try:
+                codes = [c.wait(timeout=args.round_wait * args.rounds + 60) for c in clients]
+            except subprocess.TimeoutExpired as error:
+                raise errors.ParamServerError(
+                    f"a demo client did not finish in {error.timeout:.0f} s; logs in {workdir}"
+                    ) from None
         finally:
             for process in [*clients, server]:
                 processes.stop(process)
     return _report(args, workdir, round_log, codes, time.monotonic() - started)
+
+
+def _prepare_demo_workdir(workdir: Path) -> None:
+    """An empty workdir, every run (the same seed gives the same digest). Only
+    a directory an earlier demo made (it holds DEMO_MARKER) is emptied: any
+    other non-empty one is refused, never deleted."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"--workdir {workdir} is not a directory")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not (workdir / DEMO_MARKER).exists():
+            raise UsageError(f"--workdir {workdir} holds files the demo did not make; "
+                             "choose an empty or new directory")
+        try:
+            shutil.rmtree(workdir)
+        except OSError as error:
+            raise UsageError(f"cannot empty --workdir {workdir}: {error}") from None
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / DEMO_MARKER).write_text("made by paramserver demo; emptied by the next\n")
+    except OSError as error:
+        raise UsageError(f"cannot use --workdir {workdir}: {error}") from None
 
 
 def _spawn_demo_client(args: argparse.Namespace, workdir: Path, name: str, port: int,

@@ -76,9 +76,10 @@ class RemoteError(errors.ParamServerError):
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries of a call the server could not answer (see RETRYABLE): at most
-    `attempts` in all and for at most `give_up_after` seconds of not reaching
-    it. While the server answers that its state dir is full (StorageError) it
-    is alive and asks to wait: that time does not count."""
+    `attempts` and for at most `give_up_after` seconds of not reaching it.
+    While the server answers that its state dir refuses writes (StorageError)
+    it is alive and asks to wait: neither those answers nor that time count,
+    so a client outlasts a full disk for as long as the server does."""
 
     attempts: int = 8
     initial_backoff: float = 0.1
@@ -250,7 +251,8 @@ class ParameterServerClient:
               ) -> T:
         policy = self.retry
         since = policy.now()  # when the server last answered, or the first attempt
-        for attempt in range(1, policy.attempts + 1):
+        attempt = 0  # attempts that reached no server (a full disk's refusals do not count)
+        while True:
             try:
                 return call()
             except grpc.RpcError as error:
@@ -258,16 +260,17 @@ class ParameterServerClient:
                 alive = isinstance(failure, errors.StorageError)  # and asking us to wait
                 if alive:
                     since = policy.now()
+                else:
+                    attempt += 1
                 waited = policy.now() - since
-                if (error.code() not in retryable or attempt == policy.attempts
+                if (error.code() not in retryable or attempt >= policy.attempts
                         or (not alive and waited >= policy.give_up_after)):
                     raise failure from None
-                delay = policy.backoff(attempt - 1)
+                delay = policy.backoff(attempt)
                 if not alive:
                     delay = min(delay, policy.give_up_after - waited)
-                log.warning("%s; retry %d in %.1f s", _one_line(failure), attempt, delay)
+                log.warning("%s; retry in %.1f s", _one_line(failure), delay)
                 policy.sleep(delay)
-        raise AssertionError("unreachable")
 
 
 def _one_line(error: errors.ParamServerError) -> str:

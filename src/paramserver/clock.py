@@ -26,4 +26,9 @@ class SystemClock:
         return time.monotonic()
 
     def wait(self, cond: threading.Condition, timeout: float | None) -> None:
-        cond.wait(None if timeout is None else max(0.0, timeout))
+        # threading refuses waits past TIMEOUT_MAX (OverflowError); callers loop.
+        cond.wait(None if timeout is None else min(max(0.0, timeout), MAX_WAIT))
+
+
+# Longest single wait (callers look again after it): far below threading.TIMEOUT_MAX.
+MAX_WAIT = 3600.0

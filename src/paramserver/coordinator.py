@@ -47,7 +47,7 @@ import torch
 
 from paramserver import codec, faults
 from paramserver.averaging import average_metrics, validate_state_dict, weight_fractions
-from paramserver.clock import Clock, SystemClock
+from paramserver.clock import MAX_WAIT, Clock, SystemClock
 from paramserver.errors import (
     CallEndedError,
     CapacityError,
@@ -68,7 +68,7 @@ from paramserver.rounds import (
     Update,
 )
 from paramserver.spool import Spool, SpooledUpdate, SpoolWriter, aggregate
-from paramserver.state import StateDir, StorageHealth
+from paramserver.state import StateDir, StateDirError, StorageHealth
 
 log = logging.getLogger("paramserver.server")
 
@@ -76,6 +76,7 @@ Evaluator = Callable[[Mapping[str, torch.Tensor]], Mapping[str, float]]
 
 # Backoff between attempts to write what a full disk refused (seconds of the clock).
 STORAGE_RETRY_INITIAL, STORAGE_RETRY_MAX = 0.2, 5.0
+
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class ServerConfig:
     # After the last round, the final model is served until every active client
     # has fetched it, or for at most this many seconds; then `on_finished`.
     linger: float = 30.0
+    fresh: bool = False  # discard what the state dir holds (once it is locked)
     on_finished: Callable[[], None] | None = field(default=None, repr=False)
     # Called (from the failing thread) when the server cannot go on: e.g. an
     # aggregation could not read its updates. The coordinator has already stopped.
@@ -168,9 +170,15 @@ class Coordinator:
         self._state = StateDir(config.state_dir, durable=config.durable)
         self._storage = StorageHealth(config.state_dir, config.on_storage)
         try:
+            if config.fresh:
+                self._state.clear()
             self._spool = Spool(config.state_dir / "updates", durable=config.durable)
             self._journal = Journal(self._state, self._spool)
             self._resume()
+        except OSError as error:
+            self._state.close()
+            raise StateDirError(f"cannot use {config.state_dir} as the state dir: "
+                                f"{error.strerror or error}") from error
         except BaseException:
             self._state.close()
             raise
@@ -192,10 +200,13 @@ class Coordinator:
             if machine.check_register(name):  # new: on disk before it counts
                 registry = {**machine.registered, name: machine.open_round}
                 self._write("the client registry", self._state.save_clients, registry)
+            deadline = machine.deadline
             reg = machine.register(name, self._clock.now())
             if reg.is_new:
                 log.info("client %s registered, first round %d", name, reg.first_round)
             self._persist_round_opened()
+            if machine.deadline != deadline:
+                self._cond.notify_all()  # the timer sleeps until the old one
             return reg
 
     def check_submit(self, header: codec.UpdateHeader) -> Accepted[SpooledUpdate] | None:
@@ -235,45 +246,60 @@ class Coordinator:
                 writer.write(chunk)
             checker.finish()
             writer.seal()  # the fsync, outside the lock
-            accepted = self._commit(header, writer, alive)
+            accepted, fastest = self._commit(header, writer, alive)
             # The rename's fsync, outside the lock (under it, every upload of a
             # round queued behind the others' fsyncs). For a duplicate it is
-            # the original's, which may still be on its way to disk in another call.
+            # the original's, which may still be on its way to disk in another
+            # call. If it fails the update is counted but not acknowledged: the
+            # client's retry of the identical update is (StorageError says so).
             self._spool.sync_round(header.round)
         except OSError as error:
             raise self._storage_error(f"an update for round {header.round}", error) from error
         finally:
             writer.discard()  # no-op after commit
+        if fastest is not None:
+            self._record_fastest(header.round, fastest)
         self._storage.recovered()
         faults.maybe_crash("before_ack", header.round)
         faults.crash_at_next_call("after_ack", header.round)
         return accepted
 
     def _commit(self, header: codec.UpdateHeader, writer: SpoolWriter,
-                alive: Callable[[], bool] | None) -> Accepted[SpooledUpdate]:
+                alive: Callable[[], bool] | None,
+                ) -> tuple[Accepted[SpooledUpdate], float | None]:
+        """Counts the update (under the lock); also returns the round's new
+        fastest time if this update set it."""
         with self._cond:  # re-decide: the round may have moved on meanwhile
             machine = self._machine
             accepted = machine.check_submit(header.client_id, header.round, header.sha256)
             if accepted is not None:
-                return accepted
+                return accepted, None
             # Last moment to notice a call that ended without a half-close
             # (cancelled, past its deadline): such an upload must not count.
             if alive is not None and not alive():
                 raise CallEndedError(header.round)
-            first = machine.fastest is None
+            fastest, deadline = machine.fastest, machine.deadline
             accepted = machine.submit(header.client_id, header.round, header.sha256,
                                       writer.commit(), self._clock.now())
             if accepted.closed is not None:
                 self._start_aggregation(accepted)
-            elif first:
-                self._cond.notify_all()  # the round's clock started: the timer has a deadline
-            return accepted
+            elif machine.deadline != deadline:
+                self._cond.notify_all()  # the timer sleeps until the old deadline
+            return accepted, (machine.fastest if machine.fastest != fastest else None)
+
+    def _record_fastest(self, round: int, seconds: float) -> None:
+        try:
+            self._journal.record_fastest(round, seconds)
+        except OSError as error:  # a restart then counts 0: stricter, not wrong
+            log.debug("cannot record round %d's timing: %s", round, error)
 
     def wait_for_model(self, client_id: str, round: int,
-                       remaining: Callable[[], float | None]) -> GlobalModel | None:
-        """The global model after `round`; None if `remaining()` runs out first.
+                       remaining: Callable[[], float | None],
+                       alive: Callable[[], bool] | None = None) -> GlobalModel | None:
+        """The global model after `round`; None if `remaining()` runs out, or
+        `alive()` turns false (the caller went away: call `wake` then), first.
         Raises ShuttingDownError, CapacityError (too many waiters) and what
-        RoundMachine.model_status raises."""
+        RoundMachine.model_status raises. Call `fetched` once it is delivered."""
         self._check_running()
         with self._cond:
             if self._machine.model_status(client_id, round) is not ModelStatus.READY:
@@ -284,13 +310,27 @@ class Coordinator:
                     while self._machine.model_status(client_id, round) is ModelStatus.PENDING:
                         self._check_running()
                         left = remaining()
-                        if left is not None and left <= 0:
+                        if (left is not None and left <= 0) or (alive is not None
+                                                                and not alive()):
                             return None
-                        self._cond.wait(timeout=left)
+                        self._cond.wait(timeout=None if left is None else min(left, MAX_WAIT))
                 finally:
                     self._waiters -= 1
-            self._note_fetch(client_id, round)
             return self._model
+
+    def wake(self) -> None:
+        """Wakes every waiter to look again (e.g. one whose call has ended)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def fetched(self, client_id: str, round: int) -> None:
+        """The model of `round` has reached `client_id`: after the last round,
+        the run is over once every active client has its final model."""
+        with self._cond:
+            machine = self._machine
+            if machine.phase is Phase.FINISHED and round == machine.published_round:
+                self._end.fetched.add(client_id)
+                self._cond.notify_all()
 
     def shutdown(self) -> None:
         """Refuses new calls and wakes every waiter (they get ShuttingDownError).
@@ -310,6 +350,11 @@ class Coordinator:
             workers = list(self._workers)
         for worker in workers:
             worker.join(timeout)
+        if any(worker.is_alive() for worker in workers):
+            # Still writing a model: keep the lock; the process's exit releases it.
+            log.error("an aggregation is still running after %.0f s; the state dir stays "
+                      "locked until this process exits", timeout)
+            return
         self._state.close()
 
     @property
@@ -454,6 +499,7 @@ class Coordinator:
         elif isinstance(outcome, Accepted):
             log.info("round %d closed at its deadline with %d of %d updates",
                      outcome.round, outcome.received, outcome.expected)
+            self._persist_round_opened()  # a round that never opened: its cohort now
             self._start_aggregation(outcome)
 
     def _after_transition(self) -> None:
@@ -465,13 +511,6 @@ class Coordinator:
                      "until every client has fetched it, at most %.0f s",
                      machine.open_round - 1, machine.published_round, self._config.linger)
         self._cond.notify_all()
-
-    def _note_fetch(self, client_id: str, round: int) -> None:
-        # Under the lock: a client got the final model.
-        machine = self._machine
-        if machine.phase is Phase.FINISHED and round == machine.published_round:
-            self._end.fetched.add(client_id)
-            self._cond.notify_all()
 
     def _persist_round_opened(self) -> None:
         # Under the lock: record each round's cohort once, when it opens. If
@@ -542,7 +581,7 @@ class Coordinator:
         closed = self._machine.restore(
             self._state.load_clients(), published, resume.open_round, resume.cohort,
             [Update(u.header.client_id, u.header.sha256, u) for u in resume.received], now,
-            resume.last)
+            resume.last, resume.timing)
         self._persisted_round = resume.open_round if resume.cohort else 0
         # Only a round re-aggregated at start-up can have a successor with
         # updates already on disk (see _adopt_spooled); no other publish looks.

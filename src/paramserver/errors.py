@@ -161,12 +161,13 @@ class ShuttingDownError(ParamServerError):
 
 class StorageError(ParamServerError):
     """The state dir cannot be written (full, read-only, I/O error). Nothing
-    was acknowledged; retry once the server is SERVING again."""
+    was acknowledged: send the identical update again (if it had been counted
+    before the write that failed, the retry is acknowledged as a duplicate)."""
 
     def __init__(self, what: str, error: OSError) -> None:
         reason = error.strerror or str(error)
-        super().__init__(f"cannot write the server's state ({what}): {reason}; "
-                         "nothing was counted, retry later")
+        super().__init__(f"cannot write the server's state ({what}): {reason}; not "
+                         "acknowledged: retry the identical call")
         self.errno = error.errno
 
 

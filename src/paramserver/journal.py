@@ -6,6 +6,9 @@ one stopped. One module owns them all, beside the update files they describe:
                                  (written before the round closes)
   updates/round-N.aborted        round N was aborted (written before it is;
                                  kept beside the round dir, which is dropped)
+  updates/round-N/timing.json    the fastest time of round N so far, for the
+                                 deadline after a restart (best effort: not
+                                 fsynced; without it a restart counts 0)
 
 Ordering rules (the coordinator keeps them): a record is written before the
 transition it describes, so that a crash in between reads as the transition
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from paramserver.codec import ModelSpec
 from paramserver.errors import ParamServerError
-from paramserver.rounds import LastRound
+from paramserver.rounds import LastRound, RoundTiming
 from paramserver.spool import Spool, SpooledUpdate, read_update_header
 from paramserver.state import StateDir
 
@@ -31,6 +34,7 @@ log = logging.getLogger("paramserver.journal")
 
 COHORT_FILE = "cohort.json"
 CLOSED_FILE = "closed.json"
+TIMING_FILE = "timing.json"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Resume:
     cohort: frozenset[str] | None
     received: list[SpooledUpdate]
     last: LastRound
+    timing: RoundTiming
 
 
 class Journal:
@@ -62,6 +67,11 @@ class Journal:
         restart must aggregate those, though others of its cohort could send."""
         self._state.write_json(self._spool.round_dir(round) / CLOSED_FILE,
                                {"round": round, "clients": sorted(clients)})
+
+    def record_fastest(self, round: int, seconds: float) -> None:
+        """Best effort (a lost record costs a restart a stricter deadline)."""
+        self._state.write_json(self._spool.round_dir(round) / TIMING_FILE,
+                               {"round": round, "fastest": seconds}, durable=False)
 
     def record_aborted(self, round: int) -> None:
         self._state.write_json(self._spool.aborted_marker(round), {"round": round})
@@ -89,8 +99,10 @@ class Journal:
         closed = directory / CLOSED_FILE
         if closed.exists():  # closed before the crash: exactly those updates
             cohort = frozenset(json.loads(closed.read_text())["clients"])
+        timing = RoundTiming(_load_fastest(directory),
+                             _load_fastest(self._spool.round_dir(published)))
         return Resume(open_round, cohort, self._spool.load_round(open_round, specs),
-                      self._last_round(published))
+                      self._last_round(published), timing)
 
     def _last_round(self, published: int) -> LastRound:
         # The published round's files stay until the next model is out: their
@@ -106,6 +118,14 @@ class Journal:
             digests[header.client_id] = header.sha256
         cohort = _load_cohort(directory)
         return LastRound(len(cohort) if cohort is not None else len(digests), digests)
+
+
+def _load_fastest(directory: Path) -> float | None:
+    try:
+        value = json.loads((directory / TIMING_FILE).read_text())["fastest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none recorded, or torn: it was not fsynced
+    return float(value) if isinstance(value, int | float) and value >= 0 else None
 
 
 def _load_cohort(directory: Path) -> frozenset[str] | None:

@@ -15,8 +15,8 @@ Rules, all of them here:
   already send their updates for it (early updates; their acknowledgement says
   `expected` 0: the cohort is not known yet). Registration is idempotent: a
   known name keeps its slot, becomes active again, and is told which round it
-  takes part in next (the open one if it is in its cohort and has not sent yet,
-  else the next).
+  takes part in next (the open or waiting one if its update for it is still
+  missing and it may send one, else the next).
 - A round closes when every member of its cohort has sent one update (the
   barrier). The updates come out in canonical order (sorted client ids), which
   is what makes the global model independent of arrival order.
@@ -24,18 +24,22 @@ Rules, all of them here:
   clients at most T longer than its fastest client took: a client that could
   start at time s (when the round began, or when it registered while the round
   waited for clients) is late after s + fastest + T, where `fastest` is the
-  shortest time from start to update of any update of the round. So the clock
-  runs once the first update is in, the deadline measures the spread between
-  clients and not how long training takes (a slow first round, a cold start or
-  a large download, costs every client alike), and every client waiting at the
-  barrier has a deadline running. A `tick(now)` at or after the deadline closes
+  shortest time from start to update of any update of the round (the round is
+  late once every client that has not sent is). So the clock runs once the
+  first update is in, the deadline measures the spread between clients and not
+  how long training takes (a slow first round, a cold start or a large
+  download, costs every client alike), and every client waiting at the
+  barrier has a deadline running. An open round that has received nothing
+  uses the last round's fastest time instead (once there was one), so that a
+  round whose whole cohort died still ends. A `tick(now)` at or after the deadline closes
   the round with the updates it has if there are at least `min_clients`, else
   aborts it: its updates are discarded, the global model stays, and the next
   round begins. A round still waiting for clients is treated the same way, its
   active clients standing in for the cohort. Cohort members that sent nothing
   become inactive (dropouts) and are left out of later cohorts until they
-  register again, so a dead client never holds up more than one round. A round
-  that has received nothing has no deadline: nobody waits on it.
+  register again, so a dead client never holds up more than one round. Before
+  the run's first update there is no deadline: nothing is known of how long
+  a round takes, and nobody waits at a barrier.
 - A closed round is AGGREGATING until the transport reports the global model
   published; then the next round opens, or the run is FINISHED after
   `total_rounds`. A round after the first opens once `min_clients` clients are
@@ -143,6 +147,15 @@ class LastRound:
     digests: Mapping[str, bytes]
 
 
+@dataclass(frozen=True)
+class RoundTiming:
+    """The fastest times (seconds from start to update) a restart knows: the
+    open round's, and the last round's with an update. None: not known."""
+
+    fastest: float | None = None
+    previous: float | None = None
+
+
 class ModelStatus(enum.Enum):
     READY = "ready"
     PENDING = "pending"
@@ -169,6 +182,7 @@ class RoundMachine(Generic[P]):
     # start on it, and the shortest time any of them took to send: the deadline.
     ready_at: dict[str, float] = field(default_factory=dict)
     fastest: float | None = None
+    previous_fastest: float | None = None  # of the last round that had an update
     registered: dict[str, int] = field(default_factory=dict)  # name -> round registered in
     inactive: set[str] = field(default_factory=set)
     cohort: frozenset[str] = frozenset()
@@ -235,15 +249,25 @@ class RoundMachine(Generic[P]):
 
     @property
     def deadline(self) -> float | None:
-        """When the open round times out: the latest start of its clients plus
-        the fastest client's time plus the timeout. None if it cannot (no
-        timeout, no update yet, or not open for updates)."""
-        if (self.round_timeout is None or self.fastest is None
-                or self.phase not in (Phase.WAITING_FOR_CLIENTS, Phase.COLLECTING)):
+        """When the open round times out: the latest start of its clients that
+        have not sent (of all of them, if every one has) plus the fastest
+        client's time plus the timeout. An open round that has received nothing
+        yet uses the last round's fastest time instead, so that a round whose
+        whole cohort died still ends (and a client that joined during it does
+        not wait for ever). None if it cannot time out."""
+        if self.round_timeout is None or self.phase not in (Phase.WAITING_FOR_CLIENTS,
+                                                            Phase.COLLECTING):
+            return None
+        fastest = self.fastest
+        if fastest is None and self.phase is Phase.COLLECTING:
+            fastest = self.previous_fastest
+        if fastest is None:
             return None
         members = self.active if self.phase is Phase.WAITING_FOR_CLIENTS else self.cohort
-        latest = max((self.ready_at[m] for m in members if m in self.ready_at), default=0.0)
-        return latest + self.fastest + self.round_timeout
+        starts = [self.ready_at.get(m, 0.0) for m in members if m not in self.received]
+        if not starts:
+            starts = [self.ready_at.get(m, 0.0) for m in members]
+        return max(starts, default=0.0) + fastest + self.round_timeout
 
     def check_register(self, name: str) -> bool:
         """Raises what `register` would raise; True if `name` is new."""
@@ -320,7 +344,8 @@ class RoundMachine(Generic[P]):
         self.ready_at.setdefault(name, now)  # new or back: its clock starts now
         if len(self.active) >= self._needed_to_open():
             self._open(now)
-        return self.open_round
+        # A client whose early update is in takes part from the next round.
+        return self.open_round + 1 if name in self.received else self.open_round
 
     def _register_during_run(self, name: str, now: float) -> int:
         self._enrol(name)
@@ -364,6 +389,8 @@ class RoundMachine(Generic[P]):
         self.received = {}
         self.cohort = frozenset()
         self.ready_at = dict.fromkeys(self.active, now)
+        if self.fastest is not None:
+            self.previous_fastest = self.fastest
         self.fastest = None
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:
@@ -408,13 +435,15 @@ class RoundMachine(Generic[P]):
 
     def restore(self, registered: Mapping[str, int], published_round: int, open_round: int,
                 cohort: frozenset[str] | None, received: Iterable[Update[P]],
-                now: float, last: LastRound | None = None) -> Accepted[P] | None:
+                now: float, last: LastRound | None = None,
+                timing: RoundTiming | None = None) -> Accepted[P] | None:
         """Puts a fresh machine in the state a crashed server left on disk:
         `received` are the updates acknowledged for `open_round`, `cohort` that
         round's cohort if it had opened, `last` what is known of the published
-        round. A round with updates gets a fresh clock: every client as
-        starting `now`, and an update as arriving then. Returns the closed
-        round if those updates
+        round, `timing` the fastest times recorded before the crash. The open
+        round's clients are taken as starting `now` (a restart costs them all
+        alike); its fastest time is the recorded one (0 if none was, and it
+        has updates). Returns the closed round if those updates
         already complete it (aggregate it, then call `published`)."""
         if self.registered or self.open_round != 1:
             raise IllegalTransitionError("restore needs a fresh machine")
@@ -430,7 +459,9 @@ class RoundMachine(Generic[P]):
         members = self.registered.keys() if cohort is None else cohort
         self.received = {u.client_id: u for u in received if u.client_id in members}
         self.ready_at = dict.fromkeys(members, now)  # a restart restarts the clock
-        self.fastest = 0.0 if self.received else None
+        timing = timing or RoundTiming()
+        self.previous_fastest = timing.previous
+        self.fastest = (timing.fastest or 0.0) if self.received else None
         if cohort is None:
             self.phase = Phase.WAITING_FOR_CLIENTS
             if len(self.active) >= self._needed_to_open():

@@ -43,6 +43,7 @@ from paramserver.errors import (
     ShuttingDownError,
     StorageError,
     UnknownClientError,
+    WaitTimeoutError,
 )
 from paramserver.rounds import Accepted
 from paramserver.spool import SpooledUpdate
@@ -72,6 +73,7 @@ STATUS_BY_ERROR: dict[type[ParamServerError], grpc.StatusCode] = {
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
     StorageError: grpc.StatusCode.UNAVAILABLE,
     CallEndedError: grpc.StatusCode.CANCELLED,
+    WaitTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 # Every status a handler sends stays far below gRPC's 8 KiB metadata limit
@@ -161,12 +163,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                          context: grpc.ServicerContext) -> Iterator[bytes]:
         with _status_from_errors(context, "GetAveragedModel"):
             request = _parsed(request)
-            model = self._coordinator.wait_for_model(request.client_id, request.round,
-                                                     context.time_remaining)
-        if model is None:
-            _deadline_exceeded(context, request.round)
+            model = self._wait(request.client_id, request.round, context)
         yield from wire.stream(codec.model_header_to_proto(model.header), [model.payload],
                                self._chunk_size)
+        self._coordinator.fetched(request.client_id, request.round)
 
     def SendUpdateUnary(self, request: wire.Parts[pb.UpdateHeader],
                         context: grpc.ServicerContext) -> pb.SendUpdateResponse:
@@ -179,18 +179,26 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         with _status_from_errors(context, "GetAveragedModelUnary"):
             request = _parsed(request)
             _check_unary_size(codec.payload_size(self._coordinator.specs))
-            model = self._coordinator.wait_for_model(request.client_id, request.round,
-                                                     context.time_remaining)
-        return self._model_message(model, request.round, context)
+            model = self._wait(request.client_id, request.round, context)
+        return self._model_message(model, request.client_id, request.round)
 
     def ExchangeUnary(self, request: wire.Parts[pb.UpdateHeader],
                       context: grpc.ServicerContext) -> bytes:
         with _status_from_errors(context, "ExchangeUnary"):
             header, data = self._unary_update(request)
             accepted = self._coordinator.submit(header, [data], _call_alive(context))
-            model = self._coordinator.wait_for_model(header.client_id, accepted.round,
-                                                     context.time_remaining)
-        return self._model_message(model, accepted.round, context)
+            model = self._wait(header.client_id, accepted.round, context)
+        return self._model_message(model, header.client_id, accepted.round)
+
+    def _wait(self, client_id: str, round: int, context: grpc.ServicerContext) -> GlobalModel:
+        """The model of `round`, waiting at the barrier while the call lives.
+        Raises WaitTimeoutError when the call's deadline passes first."""
+        context.add_callback(self._coordinator.wake)  # a call that ends frees its slot
+        model = self._coordinator.wait_for_model(client_id, round, context.time_remaining,
+                                                 context.is_active)
+        if model is None:
+            raise WaitTimeoutError(round)
+        return model
 
     def _client_model(self, request: pb.RegisterClientRequest) -> codec.ModelSpec | None:
         """The client's model, if it sent its specs (optional), checked for
@@ -219,10 +227,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         _check_unary_size(len(data))
         return header, data
 
-    def _model_message(self, model: GlobalModel | None, round: int,
-                       context: grpc.ServicerContext) -> bytes:
-        if model is None:
-            _deadline_exceeded(context, round)
+    def _model_message(self, model: GlobalModel, client_id: str, round: int) -> bytes:
+        # The reply is handed to gRPC on return: the model counts as fetched
+        # (a stop lets it finish within its grace).
+        self._coordinator.fetched(client_id, round)
         cached = self._last_message  # one read: other threads may replace it
         if cached is not None and cached[0] is model:
             return cached[1]
@@ -234,12 +242,6 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 def _ack(accepted: Accepted[SpooledUpdate]) -> pb.SendUpdateResponse:
     return pb.SendUpdateResponse(round=accepted.round, duplicate=accepted.duplicate,
                                  received=accepted.received, expected=accepted.expected)
-
-
-def _deadline_exceeded(context: grpc.ServicerContext, round: int) -> NoReturn:
-    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                  f"round {round} did not close before the deadline")
-    raise AssertionError("unreachable: abort raises")
 
 
 def _check_unary_size(size: int) -> None:
@@ -396,8 +398,10 @@ def create_server(config: ServerConfig, initial_model: Mapping[str, torch.Tensor
         executor.shutdown(wait=False)
         coordinator.close()
         raise
+    serving = (health_pb2.HealthCheckResponse.SERVING if coordinator.storage_ok
+               else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(name, serving)
     return RunningServer(server, port, coordinator, health_servicer, executor)
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -65,10 +66,11 @@ class StorageHealth:
             log.warning("the state dir %s takes writes again", self._root)
 
     def _change(self, ok: bool) -> bool:
+        # The listener is told under the lock: changes reach it in order.
         with self._lock:
             changed, self._ok = self._ok != ok, ok
-        if changed and self._listener is not None:
-            self._listener(ok)
+            if changed and self._listener is not None:
+                self._listener(ok)
         return changed
 
 
@@ -127,6 +129,20 @@ class StateDir:
         """Releases the lock: the last thing a stopping server does."""
         self._lock.close()
 
+    def clear(self) -> None:
+        """Discards the run this dir holds (`serve --fresh`): everything but
+        the lock, which this server holds. Raises StateDirError for a dir that
+        is neither empty nor a state dir (nothing else is ever deleted)."""
+        entries = [p for p in self.root.iterdir() if p.name != LOCK_FILE]
+        if entries and not (self.root / RUN_FILE).exists():
+            raise StateDirError(f"{self.root} is not a paramserver state dir (no {RUN_FILE}); "
+                                "refusing to empty it for --fresh")
+        for path in entries:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
     def check_run(self, run: Mapping[str, object]) -> None:
         """Records what run this dir holds; raises StateDirError if it holds
         another one (a different initial model), so nothing is mixed."""
@@ -183,9 +199,9 @@ class StateDir:
             return {}
         return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
 
-    def write_json(self, path: Path, value: object) -> None:
+    def write_json(self, path: Path, value: object, durable: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(value).encode(), self.durable)
+        write_atomic(path, json.dumps(value).encode(), self.durable and durable)
 
 
 def _parse_model(data: bytes) -> StoredModel:

@@ -66,6 +66,7 @@ def snapshot(machine: RoundMachine[str]) -> Snapshot:
     return (machine.clients, machine.total_rounds, machine.capacity, machine.round_timeout,
             machine.min_clients, machine.phase, machine.open_round, machine.published_round,
             machine.opened_at, dict(machine.ready_at), machine.fastest,
+            machine.previous_fastest,
             dict(machine.registered),
             set(machine.inactive), machine.cohort, dict(machine.received),
             dict(machine.last_digests), machine.last_cohort_size)
@@ -91,6 +92,7 @@ class Model:
     # while the round waited for clients).
     started: dict[str, float] = field(default_factory=dict)
     fastest: float | None = None
+    previous_fastest: float | None = None
     cohort: set[str] = field(default_factory=set)
     sent: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # -> (digest, payload)
     # The digests of the last published round: resending one of them (an upload
@@ -104,11 +106,17 @@ class Model:
 
     @property
     def deadline(self) -> float | None:
-        if (self.round_timeout is None or self.fastest is None
-                or self.phase not in (Phase.WAITING_FOR_CLIENTS, Phase.COLLECTING)):
+        if self.round_timeout is None or self.phase not in (Phase.WAITING_FOR_CLIENTS,
+                                                            Phase.COLLECTING):
+            return None
+        fastest = self.fastest
+        if fastest is None and self.phase is Phase.COLLECTING:
+            fastest = self.previous_fastest  # a round nobody has sent for yet
+        if fastest is None:
             return None
         members = self.active if self.phase is Phase.WAITING_FOR_CLIENTS else self.cohort
-        return max(self.started[m] for m in members) + self.fastest + self.round_timeout
+        late = [m for m in members if m not in self.sent] or list(members)
+        return max(self.started[m] for m in late) + fastest + self.round_timeout
 
     def needed_to_open(self) -> int:
         return self.clients if self.open_round == 1 else self.min_clients
@@ -126,6 +134,8 @@ class Model:
         self.sent = {}
         self.cohort = set()
         self.started = {c: now for c in self.active}
+        if self.fastest is not None:
+            self.previous_fastest = self.fastest
         self.fastest = None
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:
@@ -266,7 +276,8 @@ class BarrierMachine(RuleBasedStateMachine):
         model.inactive.discard(name)
         if model.phase is Phase.WAITING_FOR_CLIENTS:
             model.started.setdefault(name, now)  # joins the round it waits for, now
-            first = model.open_round
+            # Its early update already in: it takes part from the next round.
+            first = model.open_round + (name in model.sent)
             if len(model.active) >= model.needed_to_open():
                 model.open(now)
         elif model.phase is Phase.FINISHED:
@@ -425,6 +436,7 @@ class BarrierMachine(RuleBasedStateMachine):
         assert m.published_round == model.published_round
         assert m.opened_at == model.opened_at
         assert m.fastest == model.fastest
+        assert m.previous_fastest == model.previous_fastest
         assert m.deadline == model.deadline
         assert m.registered == model.registered
         assert m.inactive == model.inactive

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from paramserver import __version__, training
-from paramserver.cli import build_parser, demo_client_command, parse_args
+from paramserver.cli import (
+    _prepare_demo_workdir,
+    build_parser,
+    demo_client_command,
+    main,
+    parse_args,
+)
 
 
 def test_defaults_do_something_useful() -> None:
@@ -28,12 +34,14 @@ BAD = [
     (["serve", "--clients", "2", "--min-clients", "3"], "--min-clients (3) is more than --clients"),
     (["serve", "--clients", "4", "--capacity", "3"], "--capacity (3) is less than --clients"),
     (["serve", "--port", "70000"], "a port is at most 65535"),
-    (["serve", "--round-timeout", "nan"], "--round-timeout: must be at least 0"),
+    (["serve", "--round-timeout", "nan"], "--round-timeout: expected a finite number"),
     (["--log-level", "loud", "serve"], "--log-level: expected one of DEBUG"),
     (["client", "c1", "--log-level", "loud"], "--log-level: expected one of DEBUG"),
     (["client", "c1", "--examples", "many"], "--examples: expected an integer, got 'many'"),
     (["client", "c1", "--chunk-size", str(8 << 20)], "--chunk-size is at most"),
     (["demo", "--clients", "-1"], "--clients: must be at least 1"),
+    (["serve", "--linger", "inf"], "--linger: expected a finite number"),
+    (["serve", "--ready-file", "/no/such/dir/ready"], "no directory /no/such/dir"),
 ]
 
 
@@ -104,3 +112,19 @@ def test_the_big_model_trains_on_data_of_its_own_shape() -> None:
     config = training.TrainConfig(model="big", examples=4, batch_size=4)
     loss = training.train(model, data, config, 1, "c1")
     assert loss > 0
+
+
+def test_the_demo_never_empties_a_directory_it_did_not_make(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 2
+    assert "holds files the demo did not make" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_demo_empties_its_own_workdir(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    _prepare_demo_workdir(workdir)
+    (workdir / "server.log").write_text("old run")
+    _prepare_demo_workdir(workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == [".paramserver-demo"]

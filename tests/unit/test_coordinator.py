@@ -45,6 +45,7 @@ def wait(coordinator: Coordinator, client: str, round: int) -> GlobalModel:
     not a duration: WAIT only guards against a hang)."""
     model = coordinator.wait_for_model(client, round, lambda: WAIT)
     assert model is not None, f"round {round} did not close"
+    coordinator.fetched(client, round)  # as the transport does once it is sent
     return model
 
 
@@ -480,3 +481,46 @@ def test_a_client_with_another_model_is_refused_before_it_joins(make: Make) -> N
         coordinator.register("a", other)
     assert not coordinator._machine.registered, "the refused client was registered"
     assert coordinator.register("a", coordinator.specs).first_round == 1
+
+
+def test_a_restart_keeps_the_rounds_timing(tmp_path: Path, clock: FakeClock) -> None:
+    """a took 20 s to its first update (a cold start); after a crash the
+    clients that have not sent still get those 20 s plus the timeout."""
+    config = ServerConfig(clients=3, min_clients=1, round_timeout=5.0,
+                          state_dir=tmp_path / "s", durable=True)
+    first = Coordinator(config, MODEL, clock)
+    for name in ("a", "b", "c"):
+        first.register(name)
+    clock.advance(20.0)
+    send(first, "a", 1, 1.0)
+    first.shutdown()
+    first._state.close()  # a crash
+    second = Coordinator(config, MODEL, clock)
+    try:
+        assert second._machine.deadline == clock.now() + 20.0 + 5.0
+    finally:
+        second.close(timeout=5)
+
+
+def test_fresh_discards_a_run_only_once_it_holds_the_lock(tmp_path: Path) -> None:
+    config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=False)
+    first = Coordinator(config, MODEL)
+    first.register("a")
+    with pytest.raises(state.StateDirError, match="in use by another server"):
+        Coordinator(dataclasses.replace(config, fresh=True), MODEL)
+    assert (tmp_path / "s" / "clients.json").exists(), "--fresh deleted a locked run"
+    first.close(timeout=5)
+    second = Coordinator(dataclasses.replace(config, fresh=True), MODEL)
+    try:
+        assert second.register("a").is_new
+    finally:
+        second.close(timeout=5)
+
+
+def test_fresh_never_empties_a_directory_that_is_not_a_state_dir(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(state.StateDirError, match="not a paramserver state dir"):
+        Coordinator(ServerConfig(state_dir=precious, fresh=True), MODEL)
+    assert (precious / "thesis.tex").read_text() == "years of work"

@@ -17,6 +17,8 @@ from paramserver.rounds import (
     ModelStatus,
     Phase,
     RoundMachine,
+    RoundTiming,
+    Update,
 )
 
 
@@ -249,3 +251,43 @@ def test_in_later_rounds_the_deadline_is_the_first_update_plus_the_timeout() -> 
     machine.published(1, 3.0)  # round 2 begins: everyone starts at 3
     machine.submit("c1", 2, b"b", "p", 7.0)
     assert machine.deadline == 12.0
+
+
+def test_a_round_nobody_sends_for_ends_after_the_last_rounds_fastest_time() -> None:
+    """The whole cohort of round 2 died: a client that joined during it would
+    wait for ever. The last round's fastest time stands in for its own."""
+    machine = timed(n=2, quorum=1)
+    machine.submit("c0", 1, b"a", "p", 2.0)  # fastest 2
+    machine.submit("c1", 1, b"b", "p", 3.0)
+    machine.published(1, 10.0)  # round 2 begins; nobody will send
+    machine.register("late", 11.0)
+    assert machine.deadline == 10.0 + 2.0 + 5.0
+    aborted = machine.tick(17.0)
+    assert isinstance(aborted, Aborted)
+    assert machine.inactive == {"c0", "c1"}
+    assert machine.open_round == 3
+
+
+def test_a_faster_update_brings_the_deadline_forward() -> None:
+    machine: RoundMachine[str] = RoundMachine(clients=3, min_clients=1, round_timeout=5.0)
+    machine.register("a", 0.0)
+    machine.submit("a", 1, b"a", "p", 20.0)
+    machine.register("b", 22.0)
+    assert machine.deadline == 22.0 + 20.0 + 5.0
+    machine.submit("b", 1, b"b", "p", 23.0)  # took 1 s
+    assert machine.deadline == 22.0 + 1.0 + 5.0
+
+
+def test_a_client_whose_early_update_is_in_is_sent_on_to_the_next_round() -> None:
+    machine: RoundMachine[str] = RoundMachine(clients=3)
+    machine.register("a", 0.0)
+    machine.submit("a", 1, b"a", "p", 1.0)
+    again = machine.register("a", 2.0)  # e.g. after a crash of the client
+    assert (again.first_round, again.model_round) == (2, 1)
+
+
+def test_a_restart_keeps_the_fastest_time_it_recorded() -> None:
+    machine: RoundMachine[str] = RoundMachine(clients=2, min_clients=1, round_timeout=5.0)
+    machine.restore({"a": 1, "b": 1}, 0, 1, frozenset({"a", "b"}),
+                    [Update("a", b"a", "p")], 100.0, timing=RoundTiming(fastest=20.0))
+    assert machine.deadline == 100.0 + 20.0 + 5.0

@@ -247,12 +247,16 @@ def test_a_full_disk_is_unavailable_and_not_serving_until_it_has_space(
         real_write(self, data)
 
     monkeypatch.setattr(spool.SpoolWriter, "write", write)
-    no_retry = RetryPolicy(attempts=1)
-    with ParameterServerClient(address, timeout=TIMEOUT, retry=no_retry) as client:
+    with ParameterServerClient(address, timeout=TIMEOUT) as client:
         client.register("a")
         state = {"w": torch.ones(4, 3), "b": torch.ones(3)}
-        with pytest.raises(errors.StorageError, match="No space left"):
-            client.send_update("a", 1, state, 1)
+        error = refusal(lambda: raw(channel, "SendUpdateUnary")(
+            wire.encode(codec.update_header_to_proto(codec.UpdateHeader(
+                "a", 1, 1, codec.spec_of(state), codec.state_dict_digest(state))),
+                codec.payload_views(state))))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert reason(error) == "StorageError"
+        assert "No space left" in (error.details() or "")
         assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
         full.clear()
         assert not client.send_update("a", 1, state, 1).duplicate  # nothing was counted
@@ -439,3 +443,35 @@ def test_every_status_message_and_detail_is_bounded() -> None:
 def test_errors_quote_values_short() -> None:
     assert len(str(errors.InvalidClientNameError("n" * 10**6, "too long"))) < 200
     assert len(str(errors.MalformedUpdateError("bad", tensor="t" * 10**6))) < 200
+
+
+def test_a_waiting_call_that_ends_frees_its_slot(server: RunningServer,
+                                                 channel: grpc.Channel) -> None:
+    register = raw(channel, "RegisterClient")
+    register(pb.RegisterClientRequest(client_name="a").SerializeToString())
+    get: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        wire.method_path("GetAveragedModelUnary"))
+    waiting = get.future(pb.GetAveragedModelRequest(client_id="a", round=1)
+                         .SerializeToString(), timeout=TIMEOUT * 6)
+    wait_until(lambda: server.coordinator._waiters == 1, "the call to wait at the barrier")
+    waiting.cancel()
+    wait_until(lambda: server.coordinator._waiters == 0, "the slot of the ended call to free")
+
+
+def test_storage_refusals_do_not_use_up_the_attempts(server: RunningServer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    refusals = iter(range(5))
+    real_write = spool.SpoolWriter.write
+
+    def write(self: spool.SpoolWriter, data: codec.Buffer) -> None:
+        if next(refusals, None) is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data)
+
+    monkeypatch.setattr(spool.SpoolWriter, "write", write)
+    policy = RetryPolicy(attempts=2, sleep=lambda seconds: None)
+    with ParameterServerClient(f"127.0.0.1:{server.port}", timeout=TIMEOUT,
+                               retry=policy) as client:
+        client.register("a")
+        assert not client.send_update("a", 1, {"w": torch.ones(4, 3), "b": torch.ones(3)},
+                                      1).duplicate

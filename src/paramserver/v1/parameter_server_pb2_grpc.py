@@ -93,8 +93,8 @@ class ParameterServerServicer:
         alive at that moment (not cancelled, with at least 50 ms of its deadline
         left); then it acknowledges. What a client may assume:
         OK                      counted, durably (duplicate = true: it already was).
-        an error the server     not counted, nothing changed (the codes above).
-        sent (with ErrorInfo)
+        an error the server     not counted, nothing changed (the codes above);
+        sent (with ErrorInfo)   but for StorageError: resend the identical update.
         CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE without ErrorInfo (the call
         died: the client cancelled it, its deadline passed, the connection broke)
         unknown: gRPC reports a cancellation to the
