@@ -37,7 +37,7 @@ How the float accumulator is computed, and why:
   halved values (then doubled, exactly): elementwise, so an element's result
   never depends on its neighbours.
 
-Imports torch, errors and codec (for specs); must not import grpc.
+Imports torch, errors and specs; must not load protobuf or grpc.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
-from paramserver.codec import ModelSpec, all_finite, check_specs_match, spec_of
 from paramserver.errors import AveragingError, MalformedUpdateError
+from paramserver.specs import ModelSpec, all_finite, check_specs_match, spec_of
 
 StateDict = Mapping[str, torch.Tensor]
 Blocks = Callable[[], Iterable[torch.Tensor]]

@@ -13,7 +13,8 @@ from paramserver import rounds
 @pytest.mark.parametrize(
     "module",
     ["paramserver.rounds", "paramserver.averaging", "paramserver.codec",
-     "paramserver.spool", "paramserver.training", "paramserver.wire"],
+     "paramserver.spool", "paramserver.training", "paramserver.wire", "paramserver.specs",
+     "paramserver.journal", "paramserver.clock"],
 )
 def test_core_module_does_not_load_grpc(module: str) -> None:
     # A fresh interpreter: this test process has grpc loaded already.
@@ -35,3 +36,12 @@ def test_round_machine_imports_only_pure_modules() -> None:
                         "paramserver"}, imported
     assert "paramserver.errors" in {
         n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+
+@pytest.mark.parametrize("module", ["paramserver.specs", "paramserver.averaging",
+                                    "paramserver.rounds"])
+def test_the_pure_modules_load_no_protobuf(module: str) -> None:
+    code = f"import sys, {module}; print(any(m.startswith('google.protobuf') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert out == ["False"], f"{module} loads protobuf"
