@@ -94,14 +94,16 @@ def fold(weights: Weights, blocks: Blocks, dtype: torch.dtype) -> torch.Tensor:
     or in slices gives the same bits. `blocks()` may be called more than once
     (a second pass for the rare cases that need one)."""
     if dtype.is_floating_point:
-        return round_float(_fold_float64(weights.fractions, blocks), dtype)
-    return _fold_integers(weights, blocks).to(dtype)
+        return round_float(fold_to_float64(weights.fractions, blocks), dtype)
+    return fold_integers(weights, blocks).to(dtype)
 
 
 # -- floats ------------------------------------------------------------------------
 
 
-def _fold_float64(fractions: Sequence[float], blocks: Blocks) -> torch.Tensor:
+def fold_to_float64(fractions: Sequence[float], blocks: Blocks) -> torch.Tensor:
+    """The float64 accumulator of the guarantee, before its rounding to the
+    dtype (`round_float`): for strategies that go on from it."""
     acc = _fold(fractions, blocks(), 1.0)
     if all_finite(acc):
         return acc
@@ -162,19 +164,19 @@ def _round_to_odd_float32(acc: torch.Tensor) -> torch.Tensor:
 # -- integers and bools ---------------------------------------------------------------
 
 
-def _fold_integers(weights: Weights, blocks: Blocks) -> torch.Tensor:
+def fold_integers(weights: Weights, blocks: Blocks) -> torch.Tensor:
     """round_half_even(sum(w_i * x_i) / W) as int64, exactly. In int64 tensors
     while sum(w_i * |x_i|) provably stays below 2**63 (always, for models'
     integer buffers), else with Python integers (slow, exact)."""
     if weights.total >= _INT64_LIMIT >> 2:
-        return _fold_integers_exactly(weights, blocks)
+        return _fold_exact_integers(weights, blocks)
     acc: torch.Tensor | None = None
     bound = 0  # a bound on sum(w_i * |x_i|) so far, in Python integers
     for w, block in zip(weights.counts, blocks(), strict=True):
         term = block.to(torch.int64, copy=True)  # never in place on the caller's block
         bound += w * _max_abs(term)
         if bound >= _INT64_LIMIT:
-            return _fold_integers_exactly(weights, blocks)
+            return _fold_exact_integers(weights, blocks)
         term.mul_(w)
         acc = term if acc is None else acc.add_(term)
     if acc is None:
@@ -199,7 +201,7 @@ def _divide_half_even(total: torch.Tensor, divisor: int) -> torch.Tensor:
     return quotient.add_(up.to(torch.int64))
 
 
-def _fold_integers_exactly(weights: Weights, blocks: Blocks) -> torch.Tensor:
+def _fold_exact_integers(weights: Weights, blocks: Blocks) -> torch.Tensor:
     sums: list[int] | None = None
     shape: torch.Size | None = None
     for w, block in zip(weights.counts, blocks(), strict=True):

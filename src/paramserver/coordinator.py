@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from paramserver import codec, faults
+from paramserver.aggregation import Driver, initial_state, state_specs
 from paramserver.averaging import average_metrics, validate_state_dict, weight_fractions
 from paramserver.clock import MAX_WAIT, Clock, SystemClock
 from paramserver.errors import (
@@ -67,8 +68,9 @@ from paramserver.rounds import (
     RoundMachine,
     Update,
 )
-from paramserver.spool import Spool, SpooledUpdate, SpoolWriter, aggregate
+from paramserver.spool import Spool, SpooledUpdate, SpoolReader, SpoolWriter
 from paramserver.state import StateDir, StateDirError, StorageHealth
+from paramserver.strategies import FedAvg, Strategy
 
 log = logging.getLogger("paramserver.server")
 
@@ -140,6 +142,7 @@ class ServerConfig:
     # Called with False when the state dir stops taking writes, True when it
     # takes them again.
     on_storage: Callable[[bool], None] | None = field(default=None, repr=False)
+    strategy: Strategy = field(default_factory=FedAvg)
 
 
 class Coordinator:
@@ -157,6 +160,8 @@ class Coordinator:
             capacity=config.capacity, round_timeout=config.round_timeout,
             min_clients=config.min_clients)
         self.specs = codec.spec_of(initial_model)
+        self._strategy = config.strategy
+        self._state_specs = state_specs(self.specs, config.strategy.optimizer)
         validate_state_dict(initial_model, self.specs)
         payload = b"".join(codec.payload_views(initial_model))
         self._model = GlobalModel(
@@ -167,6 +172,7 @@ class Coordinator:
         self._adopt_next_round = False
         self._workers: list[threading.Thread] = []
         self._end = RunEnd(config.linger)
+        self._server_state = bytearray()  # the optimizer's, after the published round
         self._state = StateDir(config.state_dir, durable=config.durable)
         self._storage = StorageHealth(config.state_dir, config.on_storage)
         try:
@@ -403,7 +409,10 @@ class Coordinator:
         updates = [u.payload for u in accepted.closed]
         started = time.perf_counter()
         opened_at = self._machine.opened_at  # stable: the round cannot reopen before publish
-        payload = aggregate(self.specs, updates)
+        with SpoolReader(updates) as reader:
+            result = Driver(self.specs, self._strategy, reader, updates, self._model.payload,
+                            self._server_state).run()
+        payload = result.payload
         faults.maybe_crash("during_aggregation", accepted.round)
         fractions = weight_fractions([u.num_examples for u in updates])
         metrics = average_metrics(fractions, [u.header.metrics for u in updates])
@@ -413,6 +422,12 @@ class Coordinator:
             round=accepted.round, specs=self.specs, sha256=hashlib.sha256(payload).digest(),
             num_updates=len(updates), total_examples=sum(u.num_examples for u in updates),
             metrics=metrics)
+        if self._strategy.optimizer is not None:  # the state first: see StateDir
+            save_state = functools.partial(self._state.save_server_state, accepted.round,
+                                           self._state_specs, result.state)
+            if not self._write_until_done(f"the server state of round {accepted.round}",
+                                          save_state):
+                return  # stopping: a restart aggregates the round again
         save = functools.partial(self._state.save_model, header, payload, crash=functools.partial(
             faults.maybe_crash, "during_model_write", accepted.round))
         if not self._write_until_done(f"the global model of round {accepted.round}", save):
@@ -420,6 +435,7 @@ class Coordinator:
         with self._cond:
             previous = self._model.header.round
             self._model = GlobalModel(header, payload)
+            self._server_state = result.state
             self._machine.published(accepted.round, self._clock.now())
             self._after_transition()
             if self._adopt_next_round:
@@ -431,6 +447,7 @@ class Coordinator:
         # the two published ones were aborted and dropped then; older ones
         # were dropped at start-up (Journal.resume).
         self._spool.drop_round(previous)
+        self._state.drop_server_states_before(previous)
         self._log_round(header, time.perf_counter() - started, opened_at)
         faults.maybe_crash("after_publish", accepted.round)
 
@@ -568,7 +585,7 @@ class Coordinator:
 
     def _resume(self) -> None:
         self._state.check_run({"initial_sha256": self._model.header.sha256.hex(),
-                               "tensors": len(self.specs)})
+                               "tensors": len(self.specs), "strategy": repr(self._strategy)})
         stored = self._state.load_model()
         if stored is not None:
             if stored.header.specs != self.specs:
@@ -576,6 +593,7 @@ class Coordinator:
                                   "use another --state-dir or --fresh")
             self._model = GlobalModel(stored.header, stored.payload)
         published = self._model.header.round
+        self._server_state = self._load_server_state(published)
         resume = self._journal.resume(published, self.specs)
         now = self._clock.now()
         closed = self._machine.restore(
@@ -610,6 +628,16 @@ class Coordinator:
                                           self._clock.now())
                 if accepted.closed is not None:
                     self._start_aggregation(accepted)
+
+    def _load_server_state(self, published: int) -> bytearray:
+        optimizer = self._strategy.optimizer
+        if optimizer is None or published == 0:
+            return initial_state(self.specs, optimizer, self._model.payload)
+        stored = self._state.load_server_state(published)
+        if stored is None or stored.header.specs != self._state_specs:
+            raise StateDirError(f"state dir {self._state.root} has no server optimizer state "
+                                f"for round {published}; it cannot resume this run")
+        return bytearray(stored.payload)
 
     # -- odds and ends ----------------------------------------------------------------
 

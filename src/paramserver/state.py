@@ -36,6 +36,7 @@ MODEL_MAGIC = b"PSMOD01\n"
 MODEL_FILE = "global.model"
 PREVIOUS_MODEL_FILE = "global.model.prev"
 CLIENTS_FILE = "clients.json"
+SERVER_STATE_PREFIX = "server-state."
 RUN_FILE = "run.json"
 LOCK_FILE = "lock"
 
@@ -163,8 +164,7 @@ class StateDir:
         """Keeps the current file as the previous version, then installs the
         new one. A crash in between leaves the previous file, from which the
         server recovers. `crash` is a test hook run just before the renames."""
-        encoded = codec.model_header_to_proto(header).SerializeToString()
-        data = [MODEL_MAGIC + struct.pack("<I", len(encoded)) + encoded, payload]
+        data = _model_file(header, payload)
         current = self.root / MODEL_FILE
 
         def rotate() -> None:
@@ -174,6 +174,32 @@ class StateDir:
                 os.replace(current, self.root / PREVIOUS_MODEL_FILE)
 
         write_atomic(current, data, self.durable, before_rename=rotate)
+
+    # -- the server optimizer's state ---------------------------------------------
+    # One file per published round, written before that round's model, so
+    # that whichever model a restart finds (the latest or, if it is corrupt,
+    # the previous one) has its state beside it.
+
+    def save_server_state(self, round: int, specs: codec.ModelSpec,
+                          payload: bytes | bytearray) -> None:
+        header = codec.ModelHeader(round, specs, hashlib.sha256(payload).digest())
+        write_atomic(self._server_state_path(round), _model_file(header, payload),
+                     self.durable)
+
+    def load_server_state(self, round: int) -> StoredModel | None:
+        """The state saved with the model of `round`; None if there is none.
+        Raises DecodeError if it is corrupt."""
+        path = self._server_state_path(round)
+        return _parse_model(path.read_bytes()) if path.exists() else None
+
+    def drop_server_states_before(self, round: int) -> None:
+        for path in self.root.glob(f"{SERVER_STATE_PREFIX}*"):
+            number = path.name.removeprefix(SERVER_STATE_PREFIX)
+            if number.isdigit() and int(number) < round:
+                path.unlink(missing_ok=True)
+
+    def _server_state_path(self, round: int) -> Path:
+        return self.root / f"{SERVER_STATE_PREFIX}{round:08d}"
 
     def load_model(self) -> StoredModel | None:
         """The newest intact global model, or None if there is none."""
@@ -202,6 +228,11 @@ class StateDir:
     def write_json(self, path: Path, value: object, durable: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(value).encode(), self.durable and durable)
+
+
+def _model_file(header: codec.ModelHeader, payload: bytes | bytearray) -> list[Buffer]:
+    encoded = codec.model_header_to_proto(header).SerializeToString()
+    return [MODEL_MAGIC + struct.pack("<I", len(encoded)) + encoded, payload]
 
 
 def _parse_model(data: bytes) -> StoredModel:

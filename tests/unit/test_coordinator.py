@@ -198,7 +198,7 @@ def test_a_failed_aggregation_stops_the_server_and_a_restart_redoes_it(
                           on_failure=failures.append)
     first = Coordinator(config, MODEL)
 
-    monkeypatch.setattr("paramserver.coordinator.aggregate", _disk_error)
+    monkeypatch.setattr("paramserver.coordinator.Driver.run", _disk_error)
     first.register("a")
     first.register("b")
     send(first, "a", 1, 1.0)
@@ -225,7 +225,7 @@ def test_a_deadline_close_survives_a_failed_aggregation_and_a_restart(
     config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=True,
                           round_timeout=5.0, min_clients=1, on_failure=lambda error: None)
     first = Coordinator(config, MODEL, clock)
-    monkeypatch.setattr("paramserver.coordinator.aggregate", _disk_error)
+    monkeypatch.setattr("paramserver.coordinator.Driver.run", _disk_error)
     first.register("a")
     first.register("b")
     send(first, "a", 1, 4.0)
