@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -31,7 +32,7 @@ from typing import NoReturn
 
 import torch
 
-from paramserver import __version__, codec, errors, faults, processes, training
+from paramserver import __version__, codec, errors, processes, strategies, training
 
 log = logging.getLogger("paramserver")
 
@@ -131,6 +132,37 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
                         help="always use the streaming RPCs, even for small models")
 
 
+def _add_strategy_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "strategy", "how updates become the global model (`paramserver strategies` lists "
+        "each with its parameters, defaults and paper), client sampling and federated "
+        "evaluation")
+    group.add_argument("--strategy", default="fedavg", choices=list(strategies.CATALOGUE),
+                       help="the aggregation strategy")
+    for name, help_text in STRATEGY_PARAMETERS.items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"param_{name}",
+                           type=_number(float, 0.0, "a number"), default=None,
+                           help=f"{help_text} (strategy's default when not given)")
+    group.add_argument("--sample-fraction", type=_number(float, 0.0, "a fraction"),
+                       help="train each round on this fraction of the available clients "
+                            "(drawn from the seed, the round and their names)")
+    group.add_argument("--sample-size", type=_int_at_least(1),
+                       help="train each round on this many of the available clients")
+    group.add_argument("--min-available", type=_int_at_least(0), default=0,
+                       help="clients that must be active for a round after the first to "
+                            "open; 0 = --min-clients")
+    group.add_argument("--evaluate-every", type=_int_at_least(0), default=0,
+                       help="federated evaluation of every k-th global model by a cohort of "
+                            "clients on their held-out data; 0 = none")
+    group.add_argument("--evaluate-fraction", type=_number(float, 0.0, "a fraction"),
+                       default=1.0, help="the fraction of active clients that evaluate")
+
+
+# Every parameter of every strategy, as an option of its own.
+STRATEGY_PARAMETERS = {p.name: p.help for entry in strategies.CATALOGUE.values()
+                       for p in entry.parameters}
+
+
 ROUND_TIMEOUT_HELP = (
     "seconds a round waits for the rest of its cohort once its first update has arrived "
     "(an update sent before the round opened counts); then it closes with the updates it "
@@ -184,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--round-log", type=Path, help="append one JSON line per round here")
     serve.add_argument("--eval-examples", type=_int_at_least(0), default=2000,
                        help="test examples to evaluate each global model on; 0 = none")
+    serve.add_argument("--config", type=Path,
+                       help="a TOML file holding any of these options (keys as the option "
+                            "names without dashes: clients = 8, strategy = \"fedadam\"); the "
+                            "command line overrides it")
+    _add_strategy_args(serve)
     _add_training_args(serve)
 
     client = sub.add_parser("client", help="run one client", parents=[parent],
@@ -196,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--summary-file", type=Path, help="write per-round digests as JSON")
     _add_training_args(client)
     _add_client_args(client)
+
+    sub.add_parser("strategies", help="list the strategies, their parameters and papers",
+                   parents=[parent], formatter_class=_Formatter)
 
     bench = sub.add_parser("bench", help="the side-by-side benchmark (source checkout only)",
                            parents=[parent], formatter_class=_Formatter)
@@ -213,9 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def strategy_from(args: argparse.Namespace) -> strategies.Strategy:
+    """The strategy the options name. Raises UsageError."""
+    given = {name: getattr(args, f"param_{name}") for name in STRATEGY_PARAMETERS
+             if getattr(args, f"param_{name}", None) is not None}
+    try:
+        return strategies.build(args.strategy, given)
+    except strategies.StrategyConfigError as error:
+        raise UsageError(str(error)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses and validates, in one place: every mistake is one line and exit 2."""
+    """Parses and validates, in one place: every mistake is one line and exit 2.
+    `serve --config FILE` adds the file's options before the command line's."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _with_config_file(parser, argv)
+    except UsageError as error:
+        parser.exit(EXIT_USAGE, f"paramserver serve: error: {error}\n")
     args = parser.parse_args(argv)
     try:
         _validate(args)
@@ -225,8 +281,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with the options of `serve --config FILE` inserted right after
+    `serve`, so that the command line (later) overrides them."""
+    if "serve" not in argv or "--config" not in argv[argv.index("serve"):]:
+        return argv
+    at = argv.index("--config", argv.index("serve"))
+    if at + 1 >= len(argv):
+        return argv  # argparse says what is missing
+    path = Path(argv[at + 1])
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise UsageError(f"--config {path}: {error}") from None
+    serve = _subparser(parser, "serve")
+    known = {a.dest.removeprefix("param_"): a for a in serve._actions if a.option_strings}
+    extra: list[str] = []
+    for key, value in values.items():
+        action = known.get(key)
+        if action is None or key in ("config", "help", "log_level"):
+            raise UsageError(f"--config {path}: no option {key!r}")
+        flag = action.option_strings[-1]
+        if isinstance(value, bool):
+            extra += [flag] if value else []
+        elif isinstance(value, int | float | str):
+            extra += [flag, str(value)]
+        else:
+            raise UsageError(f"--config {path}: {key} must be a number, a string or a boolean")
+    start = argv.index("serve") + 1
+    return argv[:start] + extra + argv[start:]
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            choice: argparse.ArgumentParser = action.choices[name]
+            return choice
+    raise AssertionError(f"no subcommand {name}")
+
+
 def _validate(args: argparse.Namespace) -> None:
     if args.command == "serve":
+        strategy = strategy_from(args)
+        need = strategy.min_updates
+        if min(args.clients, args.min_clients) < need:
+            raise UsageError(f"--strategy {strategy.name} needs at least {need} updates a "
+                             f"round: --clients and --min-clients must be at least {need}")
+        if args.sample_fraction is not None and args.sample_size is not None:
+            raise UsageError("give --sample-fraction or --sample-size, not both")
+        for name in ("sample_fraction", "evaluate_fraction"):
+            value = getattr(args, name)
+            if value is not None and not 0 < value <= 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
+        if args.min_available and args.min_available < args.min_clients:
+            raise UsageError(f"--min-available ({args.min_available}) is less than "
+                             f"--min-clients ({args.min_clients})")
         if args.min_clients > args.clients:
             raise UsageError(f"--min-clients ({args.min_clients}) is more than --clients "
                              f"({args.clients})")
@@ -253,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stdout,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)  # many processes share few cores; also keeps runs reproducible
-    commands = {"serve": run_serve, "client": run_client, "demo": run_demo, "bench": run_bench}
+    commands = {"serve": run_serve, "client": run_client, "demo": run_demo, "bench": run_bench,
+                "strategies": run_strategies}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
@@ -285,6 +395,7 @@ def entry() -> NoReturn:
 
 def run_serve(args: argparse.Namespace) -> int:
     from paramserver.coordinator import ServerConfig
+    from paramserver.sampling import Sampling
     from paramserver.server import BindError, create_server
     from paramserver.state import StateDirError
 
@@ -303,12 +414,17 @@ def run_serve(args: argparse.Namespace) -> int:
         finished.set()
         stopping.set()
 
+    sampling = (Sampling(args.seed, args.sample_fraction, args.sample_size, args.min_clients)
+                if args.sample_fraction is not None or args.sample_size is not None else None)
     config = ServerConfig(
         clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,
         round_timeout=args.round_timeout or None, min_clients=args.min_clients,
         chunk_size=args.chunk_size, state_dir=args.state_dir, durable=not args.no_fsync,
         round_log=args.round_log, evaluator=evaluator, linger=args.linger, fresh=args.fresh,
-        on_failure=on_failure, on_finished=on_finished)
+        on_failure=on_failure, on_finished=on_finished, strategy=strategy_from(args),
+        sampling=sampling, min_available=args.min_available,
+        evaluate_every=args.evaluate_every,
+        evaluation_sampling=Sampling(args.seed, args.evaluate_fraction, None, 1))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
@@ -349,60 +465,38 @@ def _finished_summary(header: codec.ModelHeader, state_dir: Path) -> str:
 # -- client --------------------------------------------------------------------
 
 
-# Re-syncs in a row without an acknowledged update before the client gives up.
-MAX_RESYNCS = 20
-
-
 def run_client(args: argparse.Namespace) -> int:
     from paramserver.client import ParameterServerClient, RetryPolicy
+    from paramserver.runner import RoundReport, run_client
 
-    config = training.TrainConfig(args.model, args.seed, args.examples, args.lr,
-                                  args.batch_size, args.epochs)
-    model = training.build_model(args.model, args.seed)
-    data = training.make_dataset(args.seed, args.name, args.examples, args.model)
-    digests: dict[int, str] = {}
+    task = training.builtin_task(args.model, args.seed, args.name, args.examples, args.lr,
+                                 args.batch_size, args.epochs)
     retry = RetryPolicy(attempts=1_000_000, initial_backoff=0.1, max_backoff=2.0,
                         give_up_after=args.connect_timeout)
+
+    def on_round(report: RoundReport) -> None:
+        print(f"{report.client} round {report.round}: train loss "
+              f"{report.metrics.get('loss', float('nan')):.4f}, "
+              f"{report.received}/{report.expected or '?'} in", flush=True)
+
     with ParameterServerClient(args.server, chunk_size=args.chunk_size, retry=retry,
                                streaming=args.streaming) as client:
-        reg = client.register(args.name, codec.spec_of(model.state_dict()))
-        if reg.run_finished:
-            print(f"{args.name}: the run at {args.server} has already finished all its "
-                  f"{reg.total_rounds} rounds; nothing to do", flush=True)
-            return EXIT_RUN_FINISHED
-        last = args.rounds or reg.total_rounds or 5
-        model_round, round = reg.model_round, reg.first_round
-        resyncs = 0
-        sent: set[int] = set()  # rounds this client's update was acknowledged for
-        while True:
-            try:
-                header, state = client.get_model(reg.client_id, model_round, args.round_wait)
-                model.load_state_dict(state)
-                if header.round in sent:
-                    digests[header.round] = header.sha256.hex()
-                if header.round >= last or round > last:
-                    break
-                loss = training.train(model, data, config, round, args.name)
-                faults.maybe_crash("client_before_upload", round)
-                ack = client.send_update(reg.client_id, round, model.state_dict(),
-                                         len(data[0]), {"loss": loss})
-                sent.add(round)
-                resyncs = 0
-                faults.maybe_crash("client_after_upload", round)
-                print(f"{args.name} round {round}: train loss {loss:.4f}, "
-                      f"{ack.received}/{ack.expected or '?'} in", flush=True)
-                model_round, round = round, round + 1
-            except (errors.RoundError, errors.RoundAbortedError, errors.UnknownClientError,
-                    errors.WaitTimeoutError, errors.ConflictingUpdateError) as error:
-                resyncs += 1
-                if resyncs > MAX_RESYNCS:
-                    raise
-                print(f"{args.name}: {error}; re-syncing", flush=True)
-                reg = client.register(args.name, codec.spec_of(model.state_dict()))
-                model_round, round = reg.model_round, reg.first_round
-    print(f"{args.name} done: global model sha256 {digests.get(last, 'none')}", flush=True)
+        summary = run_client(client, task, args.name, rounds=args.rounds,
+                             round_wait=args.round_wait, on_round=on_round)
+    if summary.finished_before_joining:
+        print(f"{args.name}: the run at {args.server} has already finished all its rounds; "
+              "nothing to do", flush=True)
+        return EXIT_RUN_FINISHED
+    final = summary.rounds.get(max(summary.rounds)) if summary.rounds else None
+    print(f"{args.name} done: global model sha256 {final or 'none'}", flush=True)
     if args.summary_file:
-        args.summary_file.write_text(json.dumps({"client": args.name, "rounds": digests}))
+        args.summary_file.write_text(json.dumps({"client": args.name, "rounds": summary.rounds,
+                                                 "evaluations": summary.evaluations}))
+    return 0
+
+
+def run_strategies(args: argparse.Namespace) -> int:
+    print("\n".join(strategies.describe()))
     return 0
 
 

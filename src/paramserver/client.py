@@ -106,6 +106,9 @@ class Registration:
     model_round: int
     total_rounds: int
     specs: codec.ModelSpec
+    assigns_rounds: bool = False  # ask NextRound before every round
+    config: Mapping[str, float] = field(default_factory=dict)
+    strategy: str = "fedavg"
 
     @property
     def run_finished(self) -> bool:
@@ -160,7 +163,27 @@ class ParameterServerClient:
         self._unary_limit = 0 if self.streaming else reply.max_unary_payload
         self._model_size = codec.payload_size(specs)
         return Registration(reply.client_id, reply.first_round, reply.model_round,
-                            reply.total_rounds, specs)
+                            reply.total_rounds, specs, reply.assigns_rounds,
+                            dict(reply.config), reply.strategy or "fedavg")
+
+    def next_round(self, client_id: str, after_round: int,
+                   timeout: float | None = None) -> codec.Plan:
+        """What to do after having the global model of `after_round` (train,
+        wait for a later round, or stop), waiting up to `timeout` for the next
+        round to open. Raises WaitTimeoutError and what NextRound refuses with."""
+        request = pb.NextRoundRequest(client_id=client_id, after_round=after_round)
+        return self._wait(after_round + 1, lambda: codec.plan_from_proto(
+            self._stub.NextRound(request, timeout=timeout or self.timeout)))
+
+    def report_evaluation(self, client_id: str, round: int, num_examples: int,
+                          metrics: Mapping[str, float]) -> bool:
+        """Reports the evaluation of the global model of `round`; True if it
+        counted. Raises EvaluationClosedError if it was not asked for."""
+        report = codec.EvaluationReport(client_id, round, num_examples, dict(metrics))
+        reply = self._call(lambda: self._stub.ReportEvaluation(
+            codec.evaluation_report_to_proto(report), timeout=self.timeout),
+            RETRYABLE_SHORT_CALLS)
+        return bool(reply.counted)
 
     def send_update(self, client_id: str, round: int, state_dict: Mapping[str, torch.Tensor],
                     num_examples: int, metrics: Mapping[str, float] | None = None) -> Ack:

@@ -190,6 +190,57 @@ def model_header_from_proto(msg: pb.ModelHeader) -> ModelHeader:
     )
 
 
+_ROLES = {"train": pb.RoundAssignment.TRAIN, "wait": pb.RoundAssignment.WAIT,
+          "finished": pb.RoundAssignment.FINISHED}
+_ROLES_FROM_WIRE = {wire: role for role, wire in _ROLES.items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A RoundAssignment: role is "train", "wait" or "finished"."""
+
+    role: str
+    round: int
+    model_round: int
+    config: Mapping[str, float] = field(default_factory=dict)
+    evaluate_round: int = 0
+
+
+def plan_to_proto(plan: Plan) -> pb.RoundAssignment:
+    return pb.RoundAssignment(role=_ROLES[plan.role], round=plan.round,
+                              model_round=plan.model_round, config=dict(plan.config),
+                              evaluate_round=plan.evaluate_round)
+
+
+def plan_from_proto(msg: pb.RoundAssignment) -> Plan:
+    """Raises DecodeError for an unknown role or a non-finite setting."""
+    if msg.role not in _ROLES_FROM_WIRE:
+        raise DecodeError(f"unknown round assignment role {msg.role}")
+    return Plan(_ROLES_FROM_WIRE[msg.role], msg.round, msg.model_round,
+                _metrics_from_proto(msg.config), msg.evaluate_round)
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    client_id: str
+    round: int
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+def evaluation_report_to_proto(report: EvaluationReport) -> pb.EvaluationReport:
+    return pb.EvaluationReport(client_id=report.client_id, round=report.round,
+                               num_examples=report.num_examples, metrics=dict(report.metrics))
+
+
+def evaluation_report_from_proto(msg: pb.EvaluationReport) -> EvaluationReport:
+    """Raises DecodeError for num_examples outside 1..2^40 or a non-finite metric."""
+    if not 1 <= msg.num_examples <= MAX_NUM_EXAMPLES:
+        raise DecodeError(f"num_examples must be in 1..{MAX_NUM_EXAMPLES}, got {msg.num_examples}")
+    return EvaluationReport(msg.client_id, msg.round, msg.num_examples,
+                            _metrics_from_proto(msg.metrics))
+
+
 def _digest_from_proto(digest: bytes) -> bytes:
     if len(digest) != hashlib.sha256().digest_size:
         raise DecodeError(f"sha256 must be 32 bytes, got {len(digest)}")

@@ -58,6 +58,7 @@ from paramserver.errors import (
     ShuttingDownError,
     StorageError,
 )
+from paramserver.evaluation import EvaluationResult, Evaluations
 from paramserver.journal import Journal
 from paramserver.rounds import (
     Aborted,
@@ -65,9 +66,11 @@ from paramserver.rounds import (
     ModelStatus,
     Phase,
     Registration,
+    Role,
     RoundMachine,
     Update,
 )
+from paramserver.sampling import Sampling
 from paramserver.spool import Spool, SpooledUpdate, SpoolReader, SpoolWriter
 from paramserver.state import StateDir, StateDirError, StorageHealth
 from paramserver.strategies import FedAvg, Strategy
@@ -143,6 +146,20 @@ class ServerConfig:
     # takes them again.
     on_storage: Callable[[bool], None] | None = field(default=None, repr=False)
     strategy: Strategy = field(default_factory=FedAvg)
+    # Client sampling (None: every active client, every round); a round after
+    # the first opens once min_available clients are active (0: min_clients).
+    sampling: Sampling | None = None
+    min_available: int = 0
+    # Federated evaluation of every k-th global model (0: none), by a cohort
+    # drawn with `evaluation_sampling` (None: every active client).
+    evaluate_every: int = 0
+    evaluation_sampling: Sampling | None = None
+
+    @property
+    def assigns_rounds(self) -> bool:
+        """Whether clients must ask for each round (NextRound)."""
+        return (self.sampling is not None or self.evaluate_every > 0
+                or bool(self.strategy.round_config(1)))
 
 
 class Coordinator:
@@ -155,10 +172,17 @@ class Coordinator:
         self._config = config
         self._clock: Clock = clock or SystemClock()
         self._cond = threading.Condition()
+        if min(config.clients, config.min_clients) < config.strategy.min_updates:
+            raise ValueError(f"{config.strategy.name} needs at least "
+                             f"{config.strategy.min_updates} updates a round: raise "
+                             "clients and min_clients")
         self._machine: RoundMachine[SpooledUpdate] = RoundMachine(
             clients=config.clients, total_rounds=config.total_rounds,
             capacity=config.capacity, round_timeout=config.round_timeout,
-            min_clients=config.min_clients)
+            min_clients=config.min_clients, min_available=config.min_available,
+            sample=config.sampling.cohort if config.sampling else None)
+        self._evaluations = Evaluations(config.evaluate_every,
+                                        config.evaluation_sampling or Sampling())
         self.specs = codec.spec_of(initial_model)
         self._strategy = config.strategy
         self._state_specs = state_specs(self.specs, config.strategy.optimizer)
@@ -324,6 +348,38 @@ class Coordinator:
                     self._waiters -= 1
             return self._model
 
+    def next_round(self, client_id: str, after_round: int,
+                   remaining: Callable[[], float | None],
+                   alive: Callable[[], bool] | None = None) -> codec.Plan | None:
+        """What the client does next (RoundMachine.assignment), waiting until
+        that is known; None if `remaining()` runs out or `alive()` turns false
+        first. Raises ShuttingDownError and what the machine raises."""
+        self._check_running()
+        with self._cond:
+            while (assignment := self._machine.assignment(client_id, after_round)) is None:
+                self._check_running()
+                left = remaining()
+                if (left is not None and left <= 0) or (alive is not None and not alive()):
+                    return None
+                self._cond.wait(timeout=None if left is None else min(left, MAX_WAIT))
+            evaluate = after_round if self._evaluations.wants(client_id, after_round) else 0
+            config = (self._strategy.round_config(assignment.round)
+                      if assignment.role is Role.TRAIN else {})
+            return codec.Plan(assignment.role.value, assignment.round, assignment.model_round,
+                              dict(config), evaluate)
+
+    def report_evaluation(self, client_id: str, round: int, num_examples: int,
+                          metrics: Mapping[str, float]) -> bool:
+        """Counts a client's evaluation of a global model; True unless it was
+        counted before. Raises UnknownClientError, EvaluationClosedError."""
+        self._check_running()
+        with self._cond:
+            self._machine.check_known(client_id)
+            counted, result = self._evaluations.report(client_id, round, num_examples, metrics)
+        if result is not None:
+            self._log_evaluation(result)
+        return counted
+
     def wake(self) -> None:
         """Wakes every waiter to look again (e.g. one whose call has ended)."""
         with self._cond:
@@ -437,6 +493,7 @@ class Coordinator:
             self._model = GlobalModel(header, payload)
             self._server_state = result.state
             self._machine.published(accepted.round, self._clock.now())
+            evaluated = self._evaluations.published(accepted.round, self._machine.active)
             self._after_transition()
             if self._adopt_next_round:
                 self._adopt_next_round = False
@@ -449,6 +506,8 @@ class Coordinator:
         self._spool.drop_round(previous)
         self._state.drop_server_states_before(previous)
         self._log_round(header, time.perf_counter() - started, opened_at)
+        if evaluated is not None:
+            self._log_evaluation(evaluated)
         faults.maybe_crash("after_publish", accepted.round)
 
     def _evaluate(self, payload: bytes | bytearray) -> dict[str, float]:
@@ -663,9 +722,20 @@ class Coordinator:
             "round_seconds": self._clock.now() - opened_at if opened_at is not None else None,
         }
         log.info("round %d closed: %s", header.round, json.dumps(record))
-        if self._config.round_log is not None:
-            try:
-                with open(self._config.round_log, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as error:  # the round is published; only its log line is lost
-                log.error("cannot append to the round log %s: %s", self._config.round_log, error)
+        self._append_round_log(record)
+
+    def _log_evaluation(self, result: EvaluationResult) -> None:
+        record = {"round": result.round, "kind": "evaluation", "clients": result.clients,
+                  "cohort": result.cohort, "num_examples": result.num_examples,
+                  "metrics": dict(result.metrics)}
+        log.info("round %d evaluated: %s", result.round, json.dumps(record))
+        self._append_round_log(record)
+
+    def _append_round_log(self, record: Mapping[str, object]) -> None:
+        if self._config.round_log is None:
+            return
+        try:
+            with open(self._config.round_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:  # the round is published; only its log line is lost
+            log.error("cannot append to the round log %s: %s", self._config.round_log, error)

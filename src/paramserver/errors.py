@@ -105,6 +105,15 @@ class RunFinishedError(RoundError):
         )
 
 
+class EvaluationClosedError(RoundError):
+    """An evaluation report nobody asked for, or for an evaluation that has closed."""
+
+    def __init__(self, client_id: str, round: int) -> None:
+        super().__init__(
+            f"client {quote(client_id)} was not asked to evaluate the model of round {round}, "
+            "or that evaluation has closed", client_id=client_id, round=round, open_round=0)
+
+
 class ConflictingUpdateError(ParamServerError):
     """A second, different update from a client for a round it already sent."""
 

@@ -40,6 +40,15 @@ Rules, all of them here:
   register again, so a dead client never holds up more than one round. Before
   the run's first update there is no deadline: nothing is known of how long
   a round takes, and nobody waits at a barrier.
+- Sampling (optional): a round's cohort is `sample(round, active clients)`,
+  a pure function (sampling.py), and a round after the first opens once
+  `min_available` clients are active. The clients not drawn are told to wait
+  for a later round (`assignment`); nobody sends early, since the cohort of a
+  round that has not opened is not known.
+- `assignment(client, after_round)` answers what a client that has the global
+  model of `after_round` does next: train for the open round (it is in the
+  cohort and has not sent), wait for the open round's model (it is not), or
+  nothing yet (the next round has not opened; ask again when it has).
 - A closed round is AGGREGATING until the transport reports the global model
   published; then the next round opens, or the run is FINISHED after
   `total_rounds`. A round after the first opens once `min_clients` clients are
@@ -156,6 +165,19 @@ class RoundTiming:
     previous: float | None = None
 
 
+class Role(enum.Enum):
+    TRAIN = "train"  # train on model_round, send for round
+    WAIT = "wait"  # fetch the global model of round (when it is out), then ask again
+    FINISHED = "finished"  # the run is over: round is the final model's
+
+
+@dataclass(frozen=True)
+class Assignment:
+    role: Role
+    round: int
+    model_round: int
+
+
 class ModelStatus(enum.Enum):
     READY = "ready"
     PENDING = "pending"
@@ -191,6 +213,12 @@ class RoundMachine(Generic[P]):
     # acknowledgement was lost is still recognised as a duplicate.
     last_digests: dict[str, bytes] = field(default_factory=dict)
     last_cohort_size: int = 0
+    # Sampling: the cohort of a round from the active clients (None: all of
+    # them), and how many must be active for a round after the first to open
+    # (0: min_clients).
+    sample: Callable[[int, frozenset[str]], frozenset[str]] | None = field(
+        default=None, repr=False, compare=False)
+    min_available: int = 0
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -201,6 +229,8 @@ class RoundMachine(Generic[P]):
             raise ValueError("total_rounds must be 0 (no limit) or more")
         if not 1 <= self.min_clients <= self.clients:
             raise ValueError("min_clients must be in 1..clients")
+        if self.min_available and self.min_available < self.min_clients:
+            raise ValueError("min_available must be at least min_clients")
         if self.round_timeout is not None and self.round_timeout <= 0:
             raise ValueError("round_timeout must be positive")
 
@@ -300,7 +330,10 @@ class RoundMachine(Generic[P]):
         # While the round waits for clients, its cohort-to-be is the active
         # clients: they may send early (a fast client need not wait for the
         # last registration); the barrier is checked once the round opens.
+        # With sampling the cohort-to-be is not known: nobody sends early.
         waiting = self.phase is Phase.WAITING_FOR_CLIENTS
+        if waiting and self.sample is not None:
+            raise FutureRoundError(client_id, round, self.open_round)
         if client_id not in (self.active if waiting else self.cohort):
             raise NotInCohortError(client_id, round, self.open_round)
         previous = self.received.get(client_id)
@@ -311,6 +344,29 @@ class RoundMachine(Generic[P]):
         if previous.digest != digest:
             raise ConflictingUpdateError(client_id, round)
         return Accepted(round, True, len(self.received), self._expected())
+
+    def assignment(self, client_id: str, after_round: int) -> Assignment | None:
+        """What `client_id`, which has the global model of `after_round`, does
+        next; None while that is not known yet (the next round has not opened:
+        ask again after the next change). Raises UnknownClientError,
+        FutureRoundError (after_round is past the open round)."""
+        self._known(client_id)
+        if self.phase is Phase.FINISHED:
+            return Assignment(Role.FINISHED, self.open_round - 1, self.published_round)
+        if after_round > self.open_round:
+            raise FutureRoundError(client_id, after_round, self.open_round)
+        if after_round == self.open_round:
+            return None  # it wants the round after the open one
+        model_round = self._model_round_for(self.open_round)
+        may_send = client_id not in self.received and (
+            client_id in self.cohort if self.phase is Phase.COLLECTING
+            else self.phase is Phase.WAITING_FOR_CLIENTS and self.sample is None
+            and client_id in self.active)
+        if may_send:
+            return Assignment(Role.TRAIN, self.open_round, model_round)
+        if self.phase is Phase.WAITING_FOR_CLIENTS:
+            return None  # its cohort is not known yet
+        return Assignment(Role.WAIT, self.open_round, model_round)
 
     def model_status(self, client_id: str, round: int) -> ModelStatus:
         """Whether the global model after `round` can be served now.
@@ -395,7 +451,7 @@ class RoundMachine(Generic[P]):
         self.open_round += 1
         if self.total_rounds and self.open_round > self.total_rounds:
             self.phase = Phase.FINISHED
-        elif len(self.active) >= self.min_clients:
+        elif len(self.active) >= self._needed_to_open():
             self._open(now)
         else:
             self.phase = Phase.WAITING_FOR_CLIENTS
@@ -404,13 +460,15 @@ class RoundMachine(Generic[P]):
         # Updates sent while the round waited stay (and so does the clock
         # they started). They cannot already complete the cohort:
         # the registration that opens it adds a client that was not active
-        # before, so it has not sent.
+        # before, so it has not sent. (With sampling nobody sent.)
         self.phase = Phase.COLLECTING
-        self.cohort = self.active
+        self.cohort = self.sample(self.open_round, self.active) if self.sample else self.active
         self.opened_at = now
 
     def _needed_to_open(self) -> int:
-        return self.clients if self.open_round == 1 else self.min_clients
+        if self.open_round == 1:
+            return self.clients
+        return self.min_available or self.min_clients
 
     def _enrol(self, name: str) -> None:
         self.registered.setdefault(name, self.open_round)
@@ -424,6 +482,10 @@ class RoundMachine(Generic[P]):
     def _model_round_for(self, first_round: int) -> int:
         before = first_round - 1
         return before if before >= self.open_round else min(before, self.published_round)
+
+    def check_known(self, client_id: str) -> None:
+        """Raises UnknownClientError unless `client_id` registered."""
+        self._known(client_id)
 
     def _known(self, client_id: str) -> int:
         try:

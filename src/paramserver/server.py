@@ -150,7 +150,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 model_round=reg.model_round, max_unary_payload=codec.MAX_CHUNK_SIZE,
                 total_rounds=config.total_rounds, clients=config.clients,
                 min_clients=config.min_clients, round_timeout=config.round_timeout or 0.0,
-                tensors=codec.specs_to_proto(self._coordinator.specs))
+                tensors=codec.specs_to_proto(self._coordinator.specs),
+                assigns_rounds=config.assigns_rounds,
+                config=dict(config.strategy.round_config(reg.first_round)),
+                strategy=config.strategy.name)
 
     def SendUpdate(self, request_iterator: Iterator[wire.Parts[pb.UpdateHeader]],
                    context: grpc.ServicerContext) -> pb.SendUpdateResponse:
@@ -189,6 +192,25 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             accepted = self._coordinator.submit(header, [data], _call_alive(context))
             model = self._wait(header.client_id, accepted.round, context)
         return self._model_message(model, header.client_id, accepted.round)
+
+    def NextRound(self, request: pb.NextRoundRequest | wire.Unparseable,
+                  context: grpc.ServicerContext) -> pb.RoundAssignment:
+        with _status_from_errors(context, "NextRound"):
+            request = _parsed(request)
+            context.add_callback(self._coordinator.wake)  # a call that ends frees its wait
+            plan = self._coordinator.next_round(request.client_id, request.after_round,
+                                                context.time_remaining, context.is_active)
+            if plan is None:
+                raise WaitTimeoutError(request.after_round + 1)
+            return codec.plan_to_proto(plan)
+
+    def ReportEvaluation(self, request: pb.EvaluationReport | wire.Unparseable,
+                         context: grpc.ServicerContext) -> pb.EvaluationAck:
+        with _status_from_errors(context, "ReportEvaluation"):
+            report = codec.evaluation_report_from_proto(_parsed(request))
+            counted = self._coordinator.report_evaluation(
+                report.client_id, report.round, report.num_examples, report.metrics)
+            return pb.EvaluationAck(counted=counted)
 
     def _wait(self, client_id: str, round: int, context: grpc.ServicerContext) -> GlobalModel:
         """The model of `round`, waiting at the barrier while the call lives.
@@ -305,6 +327,8 @@ def _method_handlers(servicer: ParameterServerServicer,
     # bytes reach the handler, which refuses them with INVALID_ARGUMENT.
     register = wire.lenient(pb.RegisterClientRequest)
     model_request = wire.lenient(pb.GetAveragedModelRequest)
+    next_round = wire.lenient(pb.NextRoundRequest)
+    report = wire.lenient(pb.EvaluationReport)
     return {
         "RegisterClient": grpc.unary_unary_rpc_method_handler(
             servicer.RegisterClient, register, pb.RegisterClientResponse.SerializeToString),
@@ -318,6 +342,10 @@ def _method_handlers(servicer: ParameterServerServicer,
             servicer.GetAveragedModelUnary, model_request, wire.encoded),
         "ExchangeUnary": grpc.unary_unary_rpc_method_handler(
             servicer.ExchangeUnary, update, wire.encoded),
+        "NextRound": grpc.unary_unary_rpc_method_handler(
+            servicer.NextRound, next_round, pb.RoundAssignment.SerializeToString),
+        "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
+            servicer.ReportEvaluation, report, pb.EvaluationAck.SerializeToString),
     }
 
 

@@ -421,12 +421,12 @@ CATALOGUE: dict[str, Entry] = {e.name: e for e in (
     Entry("median", "Yin et al. 2018, Byzantine-Robust Distributed Learning, Definition 1",
           (), lambda: Median()),
     Entry("trimmed_mean", "Yin et al. 2018, Byzantine-Robust Distributed Learning, "
-          "Definition 2", (Parameter("beta", 0.1, "fraction trimmed from each end"),),
-          lambda beta: TrimmedMean(beta=beta)),
+          "Definition 2", (Parameter("trim", 0.1, "fraction trimmed from each end (beta)"),),
+          lambda trim: TrimmedMean(beta=trim)),
     Entry("krum", "Blanchard et al. 2017, Machine Learning with Adversaries, Krum and "
-          "Multi-Krum", (Parameter("f", 1, "Byzantine updates assumed"),
-                         Parameter("m", 1, "updates selected and averaged (1 = Krum)")),
-          lambda f, m: Krum(f=int(f), m=int(m))),
+          "Multi-Krum", (Parameter("byzantine", 1, "Byzantine updates assumed (f)"),
+                         Parameter("selected", 1, "updates selected and averaged (m; 1 = Krum)")),
+          lambda byzantine, selected: Krum(f=int(byzantine), m=int(selected))),
 )}
 
 
@@ -444,7 +444,7 @@ def build(name: str, parameters: Mapping[str, float] | None = None) -> Strategy:
         raise StrategyConfigError(f"{name} has no parameter {', '.join(unknown)}; it takes "
                                   f"{', '.join(sorted(known)) or 'none'}")
     for p in entry.parameters:
-        if p.name in ("f", "m") and float(given.get(p.name, p.default)) % 1:
+        if p.name in ("byzantine", "selected") and float(given.get(p.name, p.default)) % 1:
             raise StrategyConfigError(f"{name}: {p.name} must be a whole number")
     values = {p.name: float(given.get(p.name, p.default)) for p in entry.parameters}
     strategy: Strategy = entry.build(**values)  # type: ignore[operator]

@@ -6,7 +6,7 @@ loss visibly falls over rounds. Everything is seeded: a client's data depends
 only on (seed, client name), its training on (seed, client name, round), and
 the teacher and test set on the seed alone, so a run is reproducible bit for bit.
 
-Imports torch only; no grpc, no I/O.
+Imports torch and task; no grpc, no I/O.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
+
+from paramserver.task import Task
 
 INPUTS, HIDDEN, CLASSES = 784, 128, 10
 
@@ -140,6 +143,18 @@ def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> dict[
         loss = nn.functional.cross_entropy(logits, y).item()
         accuracy = (logits.argmax(dim=1) == y).float().mean().item()
     return {"loss": loss, "accuracy": accuracy}
+
+
+def builtin_task(model: str, seed: int, client: str, examples: int, lr: float = 0.1,
+                 batch_size: int = 32, epochs: int = 1) -> Task:
+    """A built-in model on this client's generated data (seeded by (seed,
+    client)); its held-out data is a fifth as large, generated apart."""
+    held_out = max(1, examples // 5)
+    return Task(model=lambda: build_model(model, seed),
+                train_data=TensorDataset(*make_dataset(seed, client, examples, model)),
+                test_data=TensorDataset(*make_dataset(seed, f"{client}#held-out", held_out,
+                                                      model)),
+                lr=lr, batch_size=batch_size, epochs=epochs, seed=seed)
 
 
 def make_evaluator(model_name: str, seed: int, examples: int = 2000,

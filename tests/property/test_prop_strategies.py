@@ -257,5 +257,5 @@ def test_the_catalogue_builds_every_strategy_and_refuses_unknown_names() -> None
     with pytest.raises(strategies.StrategyConfigError, match="has no parameter"):
         strategies.build("fedadam", {"mu": 0.1})
     with pytest.raises(strategies.StrategyConfigError, match="beta"):
-        strategies.build("trimmed_mean", {"beta": 0.5})
+        strategies.build("trimmed_mean", {"trim": 0.5})
     assert "Reddi et al. 2021" in "\n".join(strategies.describe())

@@ -13,9 +13,11 @@ from paramserver.errors import (
 from paramserver.rounds import (
     Aborted,
     Accepted,
+    Assignment,
     IllegalTransitionError,
     ModelStatus,
     Phase,
+    Role,
     RoundMachine,
     RoundTiming,
     Update,
@@ -291,3 +293,60 @@ def test_a_restart_keeps_the_fastest_time_it_recorded() -> None:
     machine.restore({"a": 1, "b": 1}, 0, 1, frozenset({"a", "b"}),
                     [Update("a", b"a", "p")], 100.0, timing=RoundTiming(fastest=20.0))
     assert machine.deadline == 100.0 + 20.0 + 5.0
+
+
+# -- sampling and assignments -----------------------------------------------------------------
+
+
+def sampled(n: int = 4, size: int = 2, quorum: int = 1) -> RoundMachine[str]:
+    def first_in_order(round: int, available: frozenset[str]) -> frozenset[str]:
+        ordered = sorted(available)  # rotate with the round, to see it change
+        return frozenset((ordered * 2)[round % len(ordered):][:size])
+
+    machine: RoundMachine[str] = RoundMachine(clients=n, min_clients=quorum,
+                                              sample=first_in_order)
+    for i in range(n):
+        machine.register(f"c{i}", 0.0)
+    return machine
+
+
+def test_a_sampled_round_waits_for_its_cohort_only() -> None:
+    machine = sampled()
+    assert machine.cohort == {"c1", "c2"}
+    machine.submit("c1", 1, b"a", "p", 1.0)
+    assert machine.submit("c2", 1, b"b", "p", 1.0).closed is not None
+    machine.published(1, 2.0)
+    assert machine.cohort == {"c2", "c3"}
+
+
+def test_the_clients_not_drawn_are_told_to_wait_not_refused() -> None:
+    machine = sampled()
+    assert machine.assignment("c1", 0) == Assignment(Role.TRAIN, 1, 0)
+    assert machine.assignment("c0", 0) == Assignment(Role.WAIT, 1, 0)
+    with pytest.raises(NotInCohortError):  # an update anyway is refused
+        machine.submit("c0", 1, b"x", "p", 1.0)
+    machine.submit("c1", 1, b"a", "p", 1.0)
+    assert machine.assignment("c1", 0) == Assignment(Role.WAIT, 1, 0)  # sent: wait for it
+    assert machine.assignment("c1", 1) is None  # round 2 has not opened
+    machine.submit("c2", 1, b"b", "p", 1.0)
+    machine.published(1, 2.0)
+    assert machine.assignment("c0", 1) == Assignment(Role.WAIT, 2, 1)
+    assert machine.assignment("c3", 1) == Assignment(Role.TRAIN, 2, 1)
+
+
+def test_nobody_sends_early_for_a_sampled_round() -> None:
+    def everyone(round: int, available: frozenset[str]) -> frozenset[str]:
+        return available
+
+    machine: RoundMachine[str] = RoundMachine(clients=2, sample=everyone)
+    machine.register("a", 0.0)
+    with pytest.raises(FutureRoundError):
+        machine.submit("a", 1, b"a", "p", 0.0)
+    assert machine.assignment("a", 0) is None  # the cohort is not known yet
+
+
+def test_a_finished_run_says_so_to_every_asker() -> None:
+    machine = started(1, rounds=1)
+    machine.submit("c0", 1, b"a", "p", 0.0)
+    machine.published(1, 1.0)
+    assert machine.assignment("c0", 0) == Assignment(Role.FINISHED, 1, 1)

@@ -95,7 +95,8 @@ def reason(error: grpc.RpcError) -> str:
 METHODS = [m.name for m in wire.SERVICE.methods]
 MESSAGES = {"RegisterClient": "RegisterClientRequest", "SendUpdate": "SendUpdateRequest",
             "GetAveragedModel": "GetAveragedModelRequest", "SendUpdateUnary": "UpdateMessage",
-            "GetAveragedModelUnary": "GetAveragedModelRequest", "ExchangeUnary": "UpdateMessage"}
+            "GetAveragedModelUnary": "GetAveragedModelRequest", "ExchangeUnary": "UpdateMessage",
+            "NextRound": "NextRoundRequest", "ReportEvaluation": "EvaluationReport"}
 
 
 # -- bytes that do not parse ---------------------------------------------------------

@@ -51,7 +51,14 @@ class RegisterClientRequest(_message.Message):
     def __init__(self, client_name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class RegisterClientResponse(_message.Message):
-    __slots__ = ("client_id", "first_round", "total_rounds", "clients", "tensors", "model_round", "max_unary_payload", "min_clients", "round_timeout")
+    __slots__ = ("client_id", "first_round", "total_rounds", "clients", "tensors", "model_round", "max_unary_payload", "min_clients", "round_timeout", "assigns_rounds", "config", "strategy")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +68,9 @@ class RegisterClientResponse(_message.Message):
     MAX_UNARY_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNS_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     first_round: int
     total_rounds: int
@@ -70,7 +80,74 @@ class RegisterClientResponse(_message.Message):
     max_unary_payload: int
     min_clients: int
     round_timeout: float
-    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ..., max_unary_payload: _Optional[int] = ..., min_clients: _Optional[int] = ..., round_timeout: _Optional[float] = ...) -> None: ...
+    assigns_rounds: bool
+    config: _containers.ScalarMap[str, float]
+    strategy: str
+    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ..., max_unary_payload: _Optional[int] = ..., min_clients: _Optional[int] = ..., round_timeout: _Optional[float] = ..., assigns_rounds: _Optional[bool] = ..., config: _Optional[_Mapping[str, float]] = ..., strategy: _Optional[str] = ...) -> None: ...
+
+class NextRoundRequest(_message.Message):
+    __slots__ = ("client_id", "after_round")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    after_round: int
+    def __init__(self, client_id: _Optional[str] = ..., after_round: _Optional[int] = ...) -> None: ...
+
+class RoundAssignment(_message.Message):
+    __slots__ = ("role", "round", "model_round", "config", "evaluate_round")
+    class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ROLE_UNSPECIFIED: _ClassVar[RoundAssignment.Role]
+        TRAIN: _ClassVar[RoundAssignment.Role]
+        WAIT: _ClassVar[RoundAssignment.Role]
+        FINISHED: _ClassVar[RoundAssignment.Role]
+    ROLE_UNSPECIFIED: RoundAssignment.Role
+    TRAIN: RoundAssignment.Role
+    WAIT: RoundAssignment.Role
+    FINISHED: RoundAssignment.Role
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ROUND_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    role: RoundAssignment.Role
+    round: int
+    model_round: int
+    config: _containers.ScalarMap[str, float]
+    evaluate_round: int
+    def __init__(self, role: _Optional[_Union[RoundAssignment.Role, str]] = ..., round: _Optional[int] = ..., model_round: _Optional[int] = ..., config: _Optional[_Mapping[str, float]] = ..., evaluate_round: _Optional[int] = ...) -> None: ...
+
+class EvaluationReport(_message.Message):
+    __slots__ = ("client_id", "round", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EvaluationAck(_message.Message):
+    __slots__ = ("counted",)
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    counted: bool
+    def __init__(self, counted: _Optional[bool] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "round", "num_examples", "tensors", "sha256", "metrics")

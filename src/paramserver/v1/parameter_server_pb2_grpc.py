@@ -65,6 +65,16 @@ class ParameterServerStub:
                 request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.FromString,
                 _registered_method=True)
+        self.NextRound = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/NextRound',
+                request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.NextRoundRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.RoundAssignment.FromString,
+                _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/ReportEvaluation',
+                request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.EvaluationAck.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -157,6 +167,31 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NextRound(self, request, context):
+        """What a client that has the global model of `after_round` does next:
+        train for a round (and with which settings), wait for a later round (it
+        was not drawn: fetch that round's model, then ask again), or stop (the run
+        is over); and whether to evaluate the model it has. Waits (no polling)
+        until the next round has opened. Call it before every round when
+        RegisterClientResponse.assigns_rounds is true (client sampling, federated
+        evaluation or per-round settings); otherwise it is optional. An aborted
+        round the client waited for: ask again (no need to re-register).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportEvaluation(self, request, context):
+        """The metrics of a global model on the client's held-out data, when a
+        RoundAssignment asked for them (evaluate_round). The server averages
+        them weighted by num_examples and logs them beside the round's training
+        metrics. Refused with FAILED_PRECONDITION if the client was not asked to
+        evaluate that round's model or the evaluation has closed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +224,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ExchangeUnary,
                     request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.FromString,
                     response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.SerializeToString,
+            ),
+            'NextRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextRound,
+                    request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.NextRoundRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.RoundAssignment.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.EvaluationReport.FromString,
+                    response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.EvaluationAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +399,60 @@ class ParameterServer:
             '/paramserver.v1.ParameterServer/ExchangeUnary',
             paramserver_dot_v1_dot_parameter__server__pb2.UpdateMessage.SerializeToString,
             paramserver_dot_v1_dot_parameter__server__pb2.ModelMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/NextRound',
+            paramserver_dot_v1_dot_parameter__server__pb2.NextRoundRequest.SerializeToString,
+            paramserver_dot_v1_dot_parameter__server__pb2.RoundAssignment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/ReportEvaluation',
+            paramserver_dot_v1_dot_parameter__server__pb2.EvaluationReport.SerializeToString,
+            paramserver_dot_v1_dot_parameter__server__pb2.EvaluationAck.FromString,
             options,
             channel_credentials,
             insecure,
