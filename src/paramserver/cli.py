@@ -324,9 +324,10 @@ def _validate(args: argparse.Namespace) -> None:
     if args.command == "serve":
         strategy = strategy_from(args)
         need = strategy.min_updates
-        if min(args.clients, args.min_clients) < need:
+        if args.clients < need:
             raise UsageError(f"--strategy {strategy.name} needs at least {need} updates a "
-                             f"round: --clients and --min-clients must be at least {need}")
+                             f"round: --clients must be at least {need} (and the quorum, "
+                             "--min-clients, is raised to it)")
         if args.sample_fraction is not None and args.sample_size is not None:
             raise UsageError("give --sample-fraction or --sample-size, not both")
         for name in ("sample_fraction", "evaluate_fraction"):
@@ -414,7 +415,8 @@ def run_serve(args: argparse.Namespace) -> int:
         finished.set()
         stopping.set()
 
-    sampling = (Sampling(args.seed, args.sample_fraction, args.sample_size, args.min_clients)
+    quorum = max(args.min_clients, strategy_from(args).min_updates)
+    sampling = (Sampling(args.seed, args.sample_fraction, args.sample_size, quorum)
                 if args.sample_fraction is not None or args.sample_size is not None else None)
     config = ServerConfig(
         clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,

@@ -110,9 +110,12 @@ class RunEnd:
             self.finished_at = now
         return first
 
-    def over(self, active: frozenset[str], now: float) -> bool:
+    def over(self, active: frozenset[str], now: float, evaluating: bool = False) -> bool:
+        """Every active client has the final model (and no evaluation still
+        waits for reports), or the linger time has passed."""
         wake = self.wake_at()
-        return wake is not None and (active <= self.fetched or now >= wake)
+        return wake is not None and ((active <= self.fetched and not evaluating)
+                                     or now >= wake)
 
     def wake_at(self) -> float | None:
         if self.finished_at is None or self.reported:
@@ -172,14 +175,17 @@ class Coordinator:
         self._config = config
         self._clock: Clock = clock or SystemClock()
         self._cond = threading.Condition()
-        if min(config.clients, config.min_clients) < config.strategy.min_updates:
+        if config.clients < config.strategy.min_updates:
             raise ValueError(f"{config.strategy.name} needs at least "
-                             f"{config.strategy.min_updates} updates a round: raise "
-                             "clients and min_clients")
+                             f"{config.strategy.min_updates} updates a round: raise clients")
+        # No round may close (or open) with fewer updates than the strategy
+        # can combine: the quorum is at least that.
+        quorum = max(config.min_clients, config.strategy.min_updates)
         self._machine: RoundMachine[SpooledUpdate] = RoundMachine(
             clients=config.clients, total_rounds=config.total_rounds,
             capacity=config.capacity, round_timeout=config.round_timeout,
-            min_clients=config.min_clients, min_available=config.min_available,
+            min_clients=quorum, min_available=max(config.min_available, quorum)
+            if config.min_available else 0,
             sample=config.sampling.cohort if config.sampling else None)
         self._evaluations = Evaluations(config.evaluate_every,
                                         config.evaluation_sampling or Sampling())
@@ -365,6 +371,9 @@ class Coordinator:
             evaluate = after_round if self._evaluations.wants(client_id, after_round) else 0
             config = (self._strategy.round_config(assignment.round)
                       if assignment.role is Role.TRAIN else {})
+            if assignment.role is Role.FINISHED and after_round == assignment.model_round:
+                self._end.fetched.add(client_id)  # it has the final model and knows the end
+                self._cond.notify_all()
             return codec.Plan(assignment.role.value, assignment.round, assignment.model_round,
                               dict(config), evaluate)
 
@@ -388,6 +397,8 @@ class Coordinator:
     def fetched(self, client_id: str, round: int) -> None:
         """The model of `round` has reached `client_id`: after the last round,
         the run is over once every active client has its final model."""
+        if self._config.assigns_rounds:
+            return  # such a client is done once NextRound has told it the run is over
         with self._cond:
             machine = self._machine
             if machine.phase is Phase.FINISHED and round == machine.published_round:
@@ -539,7 +550,7 @@ class Coordinator:
                 if deadline is not None and now >= deadline:
                     self._apply_deadline(now)
                     continue
-                if self._end.over(self._machine.active, now):
+                if self._end.over(self._machine.active, now, self._evaluations.waiting()):
                     self._end.reported = True
                     on_finished = self._config.on_finished
                 else:

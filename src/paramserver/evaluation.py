@@ -69,6 +69,11 @@ class Evaluations:
         self._open = _Open(round, cohort) if cohort else None
         return closed
 
+    def waiting(self) -> bool:
+        """Whether an evaluation is open with reports still missing."""
+        current = self._open
+        return current is not None and current.reports.keys() < current.cohort
+
     def wants(self, client: str, round: int) -> bool:
         """Whether `client` is to evaluate the model of `round` (and has not)."""
         current = self._open

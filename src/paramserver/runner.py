@@ -166,9 +166,10 @@ def _assigned(run: _Run) -> None:
             if plan.evaluate_round:
                 run.evaluate(plan.evaluate_round)
             if plan.role == "finished":
-                if plan.model_round != header.round:
-                    run.fetch(plan.model_round)
-                return
+                if plan.model_round == header.round:
+                    return
+                model_round = plan.model_round  # fetch the final model, then ask again
+                continue
             if plan.role == "train" and plan.model_round == header.round:
                 run.train_and_send(plan.round, dict(plan.config))
             # Wait for the round (not drawn, or just sent), or fetch the model
