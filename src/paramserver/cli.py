@@ -395,7 +395,7 @@ def entry() -> NoReturn:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from paramserver.coordinator import ServerConfig
+    from paramserver.config import ServerConfig
     from paramserver.sampling import Sampling
     from paramserver.server import BindError, create_server
     from paramserver.state import StateDirError
@@ -486,8 +486,8 @@ def run_client(args: argparse.Namespace) -> int:
         summary = run_client(client, task, args.name, rounds=args.rounds,
                              round_wait=args.round_wait, on_round=on_round)
     if summary.finished_before_joining:
-        print(f"{args.name}: the run at {args.server} has already finished all its rounds; "
-              "nothing to do", flush=True)
+        print(f"{args.name}: the run at {args.server} has already finished all its "
+              f"{summary.total_rounds} rounds; nothing to do", flush=True)
         return EXIT_RUN_FINISHED
     final = summary.rounds.get(max(summary.rounds)) if summary.rounds else None
     print(f"{args.name} done: global model sha256 {final or 'none'}", flush=True)

@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +47,7 @@ from paramserver import codec, faults
 from paramserver.aggregation import Driver, initial_state, state_specs
 from paramserver.averaging import average_metrics, validate_state_dict, weight_fractions
 from paramserver.clock import MAX_WAIT, Clock, SystemClock
+from paramserver.config import ServerConfig
 from paramserver.errors import (
     CallEndedError,
     CapacityError,
@@ -58,8 +57,9 @@ from paramserver.errors import (
     ShuttingDownError,
     StorageError,
 )
-from paramserver.evaluation import EvaluationResult, Evaluations
+from paramserver.evaluation import Evaluations
 from paramserver.journal import Journal
+from paramserver.roundlog import RoundLog
 from paramserver.rounds import (
     Aborted,
     Accepted,
@@ -70,14 +70,14 @@ from paramserver.rounds import (
     RoundMachine,
     Update,
 )
+from paramserver.runend import RunEnd
 from paramserver.sampling import Sampling
 from paramserver.spool import Spool, SpooledUpdate, SpoolReader, SpoolWriter
 from paramserver.state import StateDir, StateDirError, StorageHealth
-from paramserver.strategies import FedAvg, Strategy
+
+__all__ = ["Coordinator", "GlobalModel", "ServerConfig"]  # ServerConfig: config.py
 
 log = logging.getLogger("paramserver.server")
-
-Evaluator = Callable[[Mapping[str, torch.Tensor]], Mapping[str, float]]
 
 # Backoff between attempts to write what a full disk refused (seconds of the clock).
 STORAGE_RETRY_INITIAL, STORAGE_RETRY_MAX = 0.2, 5.0
@@ -90,79 +90,6 @@ class GlobalModel:
 
     header: codec.ModelHeader
     payload: bytes | bytearray
-
-
-@dataclass
-class RunEnd:
-    """After the last round: who has fetched the final model, and whether the
-    server may stop serving it (every active client has it, or `linger`
-    seconds have passed). Pure; the coordinator's lock guards it."""
-
-    linger: float
-    finished_at: float | None = None
-    fetched: set[str] = field(default_factory=set)
-    reported: bool = False
-
-    def finish(self, now: float) -> bool:
-        """The run has just finished: True the first time."""
-        first = self.finished_at is None
-        if first:
-            self.finished_at = now
-        return first
-
-    def over(self, active: frozenset[str], now: float, evaluating: bool = False) -> bool:
-        """Every active client has the final model (and no evaluation still
-        waits for reports), or the linger time has passed."""
-        wake = self.wake_at()
-        return wake is not None and ((active <= self.fetched and not evaluating)
-                                     or now >= wake)
-
-    def wake_at(self) -> float | None:
-        if self.finished_at is None or self.reported:
-            return None
-        return self.finished_at + self.linger
-
-
-@dataclass
-class ServerConfig:
-    """`clients` and `min_clients` are `serve --clients` and `--min-clients`."""
-
-    clients: int = 2  # registrations round 1 waits for
-    total_rounds: int = 0
-    capacity: int = 256
-    round_timeout: float | None = None  # from a round's first update; see rounds.py
-    min_clients: int = 1  # updates a round needs to close at its deadline (quorum)
-    chunk_size: int = codec.DEFAULT_CHUNK_SIZE
-    state_dir: Path | None = None
-    durable: bool = True  # fsync every acknowledged update and published model
-    round_log: Path | None = None  # JSON lines, one per published round
-    evaluator: Evaluator | None = field(default=None, repr=False)
-    # After the last round, the final model is served until every active client
-    # has fetched it, or for at most this many seconds; then `on_finished`.
-    linger: float = 30.0
-    fresh: bool = False  # discard what the state dir holds (once it is locked)
-    on_finished: Callable[[], None] | None = field(default=None, repr=False)
-    # Called (from the failing thread) when the server cannot go on: e.g. an
-    # aggregation could not read its updates. The coordinator has already stopped.
-    on_failure: Callable[[BaseException], None] | None = field(default=None, repr=False)
-    # Called with False when the state dir stops taking writes, True when it
-    # takes them again.
-    on_storage: Callable[[bool], None] | None = field(default=None, repr=False)
-    strategy: Strategy = field(default_factory=FedAvg)
-    # Client sampling (None: every active client, every round); a round after
-    # the first opens once min_available clients are active (0: min_clients).
-    sampling: Sampling | None = None
-    min_available: int = 0
-    # Federated evaluation of every k-th global model (0: none), by a cohort
-    # drawn with `evaluation_sampling` (None: every active client).
-    evaluate_every: int = 0
-    evaluation_sampling: Sampling | None = None
-
-    @property
-    def assigns_rounds(self) -> bool:
-        """Whether clients must ask for each round (NextRound)."""
-        return (self.sampling is not None or self.evaluate_every > 0
-                or bool(self.strategy.round_config(1)))
 
 
 class Coordinator:
@@ -202,6 +129,7 @@ class Coordinator:
         self._adopt_next_round = False
         self._workers: list[threading.Thread] = []
         self._end = RunEnd(config.linger)
+        self._round_log = RoundLog(config.round_log)
         self._server_state = bytearray()  # the optimizer's, after the published round
         self._state = StateDir(config.state_dir, durable=config.durable)
         self._storage = StorageHealth(config.state_dir, config.on_storage)
@@ -386,7 +314,7 @@ class Coordinator:
             self._machine.check_known(client_id)
             counted, result = self._evaluations.report(client_id, round, num_examples, metrics)
         if result is not None:
-            self._log_evaluation(result)
+            self._round_log.evaluation(result)
         return counted
 
     def wake(self) -> None:
@@ -516,9 +444,10 @@ class Coordinator:
         # were dropped at start-up (Journal.resume).
         self._spool.drop_round(previous)
         self._state.drop_server_states_before(previous)
-        self._log_round(header, time.perf_counter() - started, opened_at)
+        self._round_log.round(header, time.perf_counter() - started,
+                             None if opened_at is None else self._clock.now() - opened_at)
         if evaluated is not None:
-            self._log_evaluation(evaluated)
+            self._round_log.evaluation(evaluated)
         faults.maybe_crash("after_publish", accepted.round)
 
     def _evaluate(self, payload: bytes | bytearray) -> dict[str, float]:
@@ -723,30 +652,3 @@ class Coordinator:
         faults.next_call()
         if self._stopping:
             raise ShuttingDownError()
-
-    def _log_round(self, header: codec.ModelHeader, seconds: float,
-                   opened_at: float | None) -> None:
-        record = {
-            "round": header.round, "num_updates": header.num_updates,
-            "total_examples": header.total_examples, "metrics": dict(header.metrics),
-            "sha256": header.sha256.hex(), "aggregation_seconds": seconds,
-            "round_seconds": self._clock.now() - opened_at if opened_at is not None else None,
-        }
-        log.info("round %d closed: %s", header.round, json.dumps(record))
-        self._append_round_log(record)
-
-    def _log_evaluation(self, result: EvaluationResult) -> None:
-        record = {"round": result.round, "kind": "evaluation", "clients": result.clients,
-                  "cohort": result.cohort, "num_examples": result.num_examples,
-                  "metrics": dict(result.metrics)}
-        log.info("round %d evaluated: %s", result.round, json.dumps(record))
-        self._append_round_log(record)
-
-    def _append_round_log(self, record: Mapping[str, object]) -> None:
-        if self._config.round_log is None:
-            return
-        try:
-            with open(self._config.round_log, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as error:  # the round is published; only its log line is lost
-            log.error("cannot append to the round log %s: %s", self._config.round_log, error)

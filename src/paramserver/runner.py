@@ -50,6 +50,7 @@ class ClientSummary:
     evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
     final: codec.ModelHeader | None = None
     finished_before_joining: bool = False
+    total_rounds: int = 0  # the server's (0: no limit)
 
 
 @dataclass
@@ -126,6 +127,7 @@ def run_client(client: ParameterServerClient, task: Task, name: str, *, rounds: 
     run = _Run(client, task, name, model if model is not None else task.model(), rounds,
                round_wait, on_round, ClientSummary(name))
     reg = run.register()
+    run.summary.total_rounds = reg.total_rounds
     if reg.run_finished:
         run.summary.finished_before_joining = True
         return run.summary

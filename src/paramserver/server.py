@@ -26,7 +26,8 @@ from grpc_status import rpc_status
 
 from paramserver import codec, wire
 from paramserver.clock import Clock
-from paramserver.coordinator import Coordinator, GlobalModel, ServerConfig
+from paramserver.config import ServerConfig
+from paramserver.coordinator import Coordinator, GlobalModel
 from paramserver.errors import (
     AveragingError,
     CallEndedError,

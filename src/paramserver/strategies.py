@@ -244,8 +244,10 @@ class _Trimmed:
 
     def combine(self, block: Block, rows: torch.Tensor, weights: Weights) -> torch.Tensor:
         sortable = rows.to(torch.uint8) if rows.dtype == torch.bool else rows
-        ordered = torch.sort(sortable, dim=0).values
-        return _plain(ordered[self._trim:rows.shape[0] - self._trim])
+        # Sorting each coordinate's K values along the last, contiguous axis
+        # is several times faster than along the first.
+        ordered = torch.sort(sortable.T.contiguous(), dim=1).values
+        return _plain(ordered[:, self._trim:rows.shape[0] - self._trim].T)
 
 
 @dataclass
