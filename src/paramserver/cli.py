@@ -18,21 +18,31 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
-from paramserver import __version__, codec, errors, processes, strategies, training
+from paramserver import (
+    __version__,
+    codec,
+    data,
+    demo,
+    errors,
+    partition,
+    processes,
+    results,
+    strategies,
+    tasks,
+    training,
+)
 
 log = logging.getLogger("paramserver")
 
@@ -40,6 +50,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 EXIT_FAILURE, EXIT_USAGE, EXIT_RUN_FINISHED, EXIT_INTERRUPTED = 1, 2, 3, 130
 DEFAULT_PORT = 50051
 DEMO_WORKDIR = Path("paramserver-demo")
+DEMO_MARKER = demo.DEMO_MARKER
 
 
 class UsageError(Exception):
@@ -105,13 +116,33 @@ def _common_parent() -> _Parser:
     parent = _Parser(add_help=False)
     parent.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
                         help=f"one of {', '.join(LOG_LEVELS)} (default: INFO)")
+    parent.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="text, or one JSON object a line for machines (default: text)")
+    parent.add_argument("--log-file", type=Path, default=argparse.SUPPRESS,
+                        help="log here instead of to standard output")
+    parent.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress display (it is off anyway when not on a terminal)")
     return parent
 
 
-def _add_training_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="mlp", choices=sorted(training.MODELS),
-                        help="built-in model (the data takes its input width)")
+def _add_task_args(parser: argparse.ArgumentParser, *, client: bool = False) -> None:
+    parser.add_argument("--task", default="mlp",
+                        help="a built-in model (mlp, cnn, big) on --data, or your own task: "
+                             "module:function, a function of a TaskContext returning a Task")
+    parser.add_argument("--model", dest="task", choices=sorted(training.MODELS),
+                        default=argparse.SUPPRESS, help="the same as --task for a built-in")
+    parser.add_argument("--data", default="generated",
+                        help="the built-in tasks' data: generated, digits, mnist:DIR or "
+                             "fashion:DIR (the IDX files in DIR)")
+    parser.add_argument("--partition", default="iid",
+                        help="how real data is split among the clients: iid, "
+                             "dirichlet:ALPHA, shards:PER_CLIENT or quantity:ALPHA")
     parser.add_argument("--seed", type=int, default=0, help="seeds model, data and training")
+    if client:
+        parser.add_argument("--index", type=_int_at_least(0), default=0,
+                            help="this client's partition of the data (0-based)")
+        parser.add_argument("--num-clients", type=_int_at_least(1), default=1,
+                            help="the number of partitions the data is split into")
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
@@ -213,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-fsync", action="store_true",
                        help="skip fsync (faster; a machine crash may lose acknowledged updates)")
     serve.add_argument("--ready-file", type=Path, help="write {port, pid} here once serving")
-    serve.add_argument("--round-log", type=Path, help="append one JSON line per round here")
+    serve.add_argument("--round-log", type=Path,
+                       help="append one JSON line per round here (and CSV beside it); "
+                            "default: metrics.jsonl in the state dir")
     serve.add_argument("--eval-examples", type=_int_at_least(0), default=2000,
                        help="test examples to evaluate each global model on; 0 = none")
     serve.add_argument("--config", type=Path,
@@ -221,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "names without dashes: clients = 8, strategy = \"fedadam\"); the "
                             "command line overrides it")
     _add_strategy_args(serve)
-    _add_training_args(serve)
+    _add_task_args(serve)
 
     client = sub.add_parser("client", help="run one client", parents=[parent],
                             formatter_class=_Formatter)
@@ -231,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--rounds", type=_int_at_least(0), default=0,
                         help="stop after this round; 0 = the server's number of rounds")
     client.add_argument("--summary-file", type=Path, help="write per-round digests as JSON")
-    _add_training_args(client)
+    _add_task_args(client, client=True)
     _add_client_args(client)
 
     sub.add_parser("strategies", help="list the strategies, their parameters and papers",
@@ -244,12 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a server and N clients as real processes",
                           parents=[parent], formatter_class=_Formatter)
-    demo.add_argument("--clients", type=_int_at_least(1), default=3, help="client processes")
-    demo.add_argument("--rounds", type=_int_at_least(1), default=5, help="rounds")
+    demo.add_argument("--clients", type=_int_at_least(1), default=10, help="client processes")
+    demo.add_argument("--rounds", type=_int_at_least(1), default=20, help="rounds")
     demo.add_argument("--workdir", type=Path, default=DEMO_WORKDIR,
-                      help="logs, state and round log (emptied first; kept afterwards)")
-    _add_training_args(demo)
+                      help="logs, state and metrics (emptied first; kept afterwards)")
+    _add_task_args(demo)
+    demo.set_defaults(data="digits", partition="dirichlet:0.5")
     _add_client_args(demo)
+
+    plot = sub.add_parser("plot", help="a PNG of loss and accuracy against rounds for runs",
+                          parents=[parent], formatter_class=_Formatter)
+    plot.add_argument("runs", nargs="+", type=Path,
+                      help="run directories (holding metrics.jsonl: a state dir, a demo's "
+                           "workdir) or round logs")
+    plot.add_argument("--out", type=Path, default=Path("paramserver-runs.png"),
+                      help="the PNG to write")
+    plot.add_argument("--title", help="the chart's title")
+
+    export = sub.add_parser("export", help="a global model as safetensors and a torch "
+                            "state_dict", parents=[parent], formatter_class=_Formatter)
+    export.add_argument("state_dir", type=Path, help="a server's state dir (not locked: a "
+                        "running server goes on)")
+    export.add_argument("out", type=Path, help="OUT.safetensors, OUT.pt, or OUT for both")
+    export.add_argument("--round", type=_int_at_least(0),
+                        help="which kept model (the latest or the one before); default latest")
     return parser
 
 
@@ -360,11 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     # gRPC's C core prints its own lines (a failed bind, say) beside ours,
     # which already say what went wrong: quiet unless asked for.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    logging.basicConfig(level=args.log_level, stream=sys.stdout,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _configure_logging(args)
     torch.set_num_threads(1)  # many processes share few cores; also keeps runs reproducible
     commands = {"serve": run_serve, "client": run_client, "demo": run_demo, "bench": run_bench,
-                "strategies": run_strategies}
+                "strategies": run_strategies, "plot": run_plot, "export": run_export}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
@@ -376,6 +426,33 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ParamServerError as error:
         print(f"paramserver {args.command}: {error}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "logger": record.name,
+                 "level": record.levelname, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    log_file = getattr(args, "log_file", None)
+    handler: logging.Handler
+    try:
+        handler = (logging.FileHandler(log_file) if log_file is not None
+                   else logging.StreamHandler(sys.stdout))
+    except OSError as error:
+        raise SystemExit(f"paramserver: error: --log-file {log_file}: {error.strerror}") from None
+    handler.setFormatter(_JsonFormatter() if getattr(args, "log_format", "text") == "json"
+                         else logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+
+
+def progress_on(args: argparse.Namespace) -> bool:
+    """Live progress only on a terminal, and not with --quiet."""
+    return not getattr(args, "quiet", False) and sys.stdout.isatty()
 
 
 def entry() -> NoReturn:
@@ -400,9 +477,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from paramserver.server import BindError, create_server
     from paramserver.state import StateDirError
 
-    model = training.build_model(args.model, args.seed)
-    evaluator = (training.make_evaluator(args.model, args.seed, args.eval_examples)
-                 if args.eval_examples > 0 else None)
+    server_task = _task(args)(tasks.TaskContext(None, 0, args.clients, args.seed))
+    torch.manual_seed(args.seed)
+    model = server_task.model()
+    evaluator = (tasks.evaluator(server_task)
+                 if args.eval_examples > 0 and server_task.test_data is not None else None)
+    round_log = args.round_log or args.state_dir / "metrics.jsonl"
+    progress = _Progress(args.rounds) if progress_on(args) else None
     stopping = threading.Event()
     failures: list[BaseException] = []
     finished = threading.Event()
@@ -422,8 +503,9 @@ def run_serve(args: argparse.Namespace) -> int:
         clients=args.clients, total_rounds=args.rounds, capacity=args.capacity,
         round_timeout=args.round_timeout or None, min_clients=args.min_clients,
         chunk_size=args.chunk_size, state_dir=args.state_dir, durable=not args.no_fsync,
-        round_log=args.round_log, evaluator=evaluator, linger=args.linger, fresh=args.fresh,
+        round_log=round_log, evaluator=evaluator, linger=args.linger, fresh=args.fresh,
         on_failure=on_failure, on_finished=on_finished, strategy=strategy_from(args),
+        on_record=progress.record if progress is not None else None,
         sampling=sampling, min_available=args.min_available,
         evaluate_every=args.evaluate_every,
         evaluation_sampling=Sampling(args.seed, args.evaluate_fraction, None, 1))
@@ -450,6 +532,8 @@ def run_serve(args: argparse.Namespace) -> int:
         processes.write_ready_file(args.ready_file, running.port)
     stopping.wait()
     running.stop(grace=5.0)
+    if progress is not None:
+        progress.close()
     if failures:
         log.error("stopped after a failure; restart on the same --state-dir to resume")
         return EXIT_FAILURE
@@ -457,6 +541,40 @@ def run_serve(args: argparse.Namespace) -> int:
     if finished.is_set():
         print(_finished_summary(running.coordinator.model.header, args.state_dir), flush=True)
     return 0
+
+
+def _task(args: argparse.Namespace) -> tasks.TaskFactory:
+    options = tasks.Builtin(args.task, args.data, args.partition,
+                            getattr(args, "examples", 2000), getattr(args, "lr", 0.1),
+                            getattr(args, "batch_size", 32), getattr(args, "epochs", 1),
+                            test_examples=getattr(args, "eval_examples", 2000) or 2000)
+    try:
+        return tasks.factory(args.task, options)
+    except tasks.TaskError as error:
+        raise UsageError(str(error)) from None
+
+
+class _Progress:
+    """A bar over the rounds and one line per round, on a terminal."""
+
+    def __init__(self, rounds: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=rounds or None, unit="round", leave=False, file=sys.stdout)
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        if record.get("kind") == "evaluation":
+            metrics = record["metrics"]
+            self._bar.write(f"round {record['round']:>3}: federated evaluation by "
+                            f"{record['clients']} clients: loss "
+                            f"{metrics.get('loss', float('nan')):.4f}, accuracy "
+                            f"{metrics.get('accuracy', float('nan')):.3f}")
+            return
+        self._bar.write(demo.round_line(dict(record)))
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def _finished_summary(header: codec.ModelHeader, state_dir: Path) -> str:
@@ -471,8 +589,13 @@ def run_client(args: argparse.Namespace) -> int:
     from paramserver.client import ParameterServerClient, RetryPolicy
     from paramserver.runner import RoundReport, run_client
 
-    task = training.builtin_task(args.model, args.seed, args.name, args.examples, args.lr,
-                                 args.batch_size, args.epochs)
+    if not args.index < args.num_clients:
+        raise UsageError(f"--index {args.index} is not below --num-clients {args.num_clients}")
+    try:
+        task = _task(args)(tasks.TaskContext(args.name, args.index, args.num_clients,
+                                             args.seed))
+    except (data.DataError, partition.PartitionError, tasks.TaskError) as error:
+        raise UsageError(str(error)) from None
     retry = RetryPolicy(attempts=1_000_000, initial_backoff=0.1, max_backoff=2.0,
                         give_up_after=args.connect_timeout)
 
@@ -497,6 +620,31 @@ def run_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        return demo.run_demo(args, progress_on(args))
+    except demo.DemoError as error:
+        raise UsageError(str(error)) from None
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    try:
+        out = results.plot(args.runs, args.out, args.title)
+    except results.ResultsError as error:
+        raise UsageError(str(error)) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        written = results.export(args.state_dir, args.out, args.round)
+    except results.ResultsError as error:
+        raise UsageError(str(error)) from None
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
 def run_strategies(args: argparse.Namespace) -> int:
     print("\n".join(strategies.describe()))
     return 0
@@ -511,110 +659,3 @@ def run_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.bench_args])
 
 
-# -- demo ----------------------------------------------------------------------
-
-
-DEMO_MARKER = ".paramserver-demo"
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    workdir: Path = args.workdir
-    _prepare_demo_workdir(workdir)
-    ready, round_log = workdir / "server.ready", workdir / "rounds.jsonl"
-    common = ["--model", args.model, "--seed", str(args.seed)]
-    started = time.monotonic()
-    with open(workdir / "server.log", "wb") as server_log:
-        server = processes.spawn(processes.paramserver_command(
-            "serve", "--port", "0", "--clients", str(args.clients), "--rounds",
-            str(args.rounds), "--ready-file", str(ready), "--round-log", str(round_log),
-            "--state-dir", str(workdir / "state"), "--chunk-size", str(args.chunk_size),
-            *common), server_log)
-        clients = []
-        try:
-            try:
-                port = processes.wait_for_ready_file(ready, server, timeout=60)
-            except (RuntimeError, TimeoutError) as error:
-                raise errors.ParamServerError(
-                    f"the demo's server did not start ({error}); see {workdir / 'server.log'}"
-                    ) from None
-            print(f"server on 127.0.0.1:{port}; {args.clients} clients, {args.rounds} rounds; "
-                  f"logs in {workdir}", flush=True)
-            for i in range(1, args.clients + 1):
-                clients.append(_spawn_demo_client(args, workdir, f"client{i}", port, common))
-            try:
-                codes = [c.wait(timeout=args.round_wait * args.rounds + 60) for c in clients]
-            except subprocess.TimeoutExpired as error:
-                raise errors.ParamServerError(
-                    f"a demo client did not finish in {error.timeout:.0f} s; logs in {workdir}"
-                    ) from None
-        finally:
-            for process in [*clients, server]:
-                processes.stop(process)
-    return _report(args, workdir, round_log, codes, time.monotonic() - started)
-
-
-def _prepare_demo_workdir(workdir: Path) -> None:
-    """An empty workdir, every run (the same seed gives the same digest). Only
-    a directory an earlier demo made (it holds DEMO_MARKER) is emptied: any
-    other non-empty one is refused, never deleted."""
-    if workdir.exists() and not workdir.is_dir():
-        raise UsageError(f"--workdir {workdir} is not a directory")
-    if workdir.is_dir() and any(workdir.iterdir()):
-        if not (workdir / DEMO_MARKER).exists():
-            raise UsageError(f"--workdir {workdir} holds files the demo did not make; "
-                             "choose an empty or new directory")
-        try:
-            shutil.rmtree(workdir)
-        except OSError as error:
-            raise UsageError(f"cannot empty --workdir {workdir}: {error}") from None
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / DEMO_MARKER).write_text("made by paramserver demo; emptied by the next\n")
-    except OSError as error:
-        raise UsageError(f"cannot use --workdir {workdir}: {error}") from None
-
-
-def _spawn_demo_client(args: argparse.Namespace, workdir: Path, name: str, port: int,
-                       common: list[str]) -> subprocess.Popen[bytes]:
-    log_file = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-    try:
-        return processes.spawn(demo_client_command(args, workdir, name, port, common), log_file)
-    finally:
-        log_file.close()
-
-
-def demo_client_command(args: argparse.Namespace, workdir: Path, name: str, port: int,
-                        common: list[str]) -> list[str]:
-    """A demo client: every client option of `demo` passed on."""
-    streaming = ["--streaming"] if args.streaming else []
-    return processes.paramserver_command(
-        "client", name, "--server", f"127.0.0.1:{port}", "--summary-file",
-        str(workdir / f"{name}.json"), "--lr", str(args.lr), "--batch-size",
-        str(args.batch_size), "--epochs", str(args.epochs), "--examples",
-        str(args.examples), "--chunk-size", str(args.chunk_size), "--round-wait",
-        str(args.round_wait), "--connect-timeout", str(args.connect_timeout),
-        *streaming, *common)
-
-
-def _report(args: argparse.Namespace, workdir: Path, round_log: Path, codes: list[int],
-            elapsed: float) -> int:
-    rounds = [json.loads(line) for line in round_log.read_text().splitlines()] \
-        if round_log.exists() else []
-    print(f"{'round':>5} {'updates':>7} {'train loss':>10} {'test loss':>9} "
-          f"{'test acc':>8} {'round ms':>8}  global model sha256")
-    for r in rounds:
-        m = r["metrics"]
-        print(f"{r['round']:>5} {r['num_updates']:>7} {m.get('loss', float('nan')):>10.4f} "
-              f"{m.get('eval_loss', float('nan')):>9.4f} {m.get('eval_accuracy', 0):>8.3f} "
-              f"{1000 * (r['round_seconds'] or 0):>8.1f}  {r['sha256']}")
-    summaries = [json.loads((workdir / f"client{i}.json").read_text())
-                 for i in range(1, args.clients + 1) if (workdir / f"client{i}.json").exists()]
-    finals = {s["rounds"].get(str(args.rounds)) for s in summaries}
-    ok = (all(c == 0 for c in codes) and len(rounds) == args.rounds
-          and len(summaries) == args.clients and finals == {rounds[-1]["sha256"]})
-    final = rounds[-1]["sha256"] if rounds else "none"
-    print(f"final model sha256: {final}")
-    print(f"{'OK' if ok else 'FAILED'}: {len(rounds)} rounds, {args.clients} clients, "
-          f"all clients agree on the final model: {len(finals) == 1}, {elapsed:.1f}s; "
-          f"logs in {workdir}")
-    return 0 if ok else 1

@@ -45,6 +45,8 @@ class ServerConfig:
     # takes them again.
     on_storage: Callable[[bool], None] | None = field(default=None, repr=False)
     strategy: Strategy = field(default_factory=FedAvg)
+    # Called with every record the round log writes (progress displays).
+    on_record: Callable[[Mapping[str, object]], None] | None = field(default=None, repr=False)
     # Client sampling (None: every active client, every round); a round after
     # the first opens once min_available clients are active (0: min_clients).
     sampling: Sampling | None = None

@@ -129,7 +129,7 @@ class Coordinator:
         self._adopt_next_round = False
         self._workers: list[threading.Thread] = []
         self._end = RunEnd(config.linger)
-        self._round_log = RoundLog(config.round_log)
+        self._round_log = RoundLog(config.round_log, config.on_record)
         self._server_state = bytearray()  # the optimizer's, after the published round
         self._state = StateDir(config.state_dir, durable=config.durable)
         self._storage = StorageHealth(config.state_dir, config.on_storage)

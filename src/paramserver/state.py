@@ -190,7 +190,7 @@ class StateDir:
         """The state saved with the model of `round`; None if there is none.
         Raises DecodeError if it is corrupt."""
         path = self._server_state_path(round)
-        return _parse_model(path.read_bytes()) if path.exists() else None
+        return parse_model(path.read_bytes()) if path.exists() else None
 
     def drop_server_states_before(self, round: int) -> None:
         for path in self.root.glob(f"{SERVER_STATE_PREFIX}*"):
@@ -208,7 +208,7 @@ class StateDir:
             if not path.exists():
                 continue
             try:
-                return _parse_model(path.read_bytes())
+                return parse_model(path.read_bytes())
             except DecodeError as error:
                 log.warning("global model file %s is corrupt (%s); trying the previous", path,
                             error)
@@ -235,7 +235,8 @@ def _model_file(header: codec.ModelHeader, payload: bytes | bytearray) -> list[B
     return [MODEL_MAGIC + struct.pack("<I", len(encoded)) + encoded, payload]
 
 
-def _parse_model(data: bytes) -> StoredModel:
+def parse_model(data: bytes) -> StoredModel:
+    """A global model file (or a server state file). Raises DecodeError."""
     head = len(MODEL_MAGIC) + 4
     if len(data) < head or not data.startswith(MODEL_MAGIC):
         raise DecodeError("not a global model file")

@@ -11,6 +11,7 @@ Imports torch and task; no grpc, no I/O.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,34 +25,38 @@ from paramserver.task import Task
 INPUTS, HIDDEN, CLASSES = 784, 128, 10
 
 
-def mlp() -> nn.Module:
-    """The default model: MLP 784-128-10 with ReLU."""
-    return nn.Sequential(nn.Linear(INPUTS, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+def mlp(features: int = INPUTS, classes: int = CLASSES) -> nn.Module:
+    """The default model: MLP features-128-classes with ReLU (784-128-10)."""
+    return nn.Sequential(nn.Linear(features, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, classes))
 
 
-def cnn() -> nn.Module:
-    """A small CNN with BatchNorm (float buffers and an int64 counter) on the
-    same 784 inputs seen as 1x28x28 images."""
+def cnn(features: int = INPUTS, classes: int = CLASSES) -> nn.Module:
+    """A small CNN with BatchNorm (float buffers and an int64 counter) on
+    square images given flattened (784 inputs: 1x28x28; 64: the 8x8 digits)."""
+    side = math.isqrt(features)
+    if side * side != features or side < 5:
+        raise ValueError(f"the cnn needs square images of at least 5x5, not {features} inputs")
+    inner = ((side - 3) // 2 + 1 - 3) // 2 + 1
     return nn.Sequential(
-        nn.Unflatten(1, (1, 28, 28)),
+        nn.Unflatten(1, (1, side, side)),
         nn.Conv2d(1, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 6 * 6, CLASSES),
+        nn.Flatten(), nn.Linear(16 * inner * inner, classes),
     )
 
 
-def big() -> nn.Module:
+def big(features: int = 5000, classes: int = 5000) -> nn.Module:
     """One Linear 5000x5000 without bias: 100 MB of float32, for the benchmarks
     of large models (it trains on 5000-wide inputs, not on the 784 default)."""
-    return nn.Linear(5000, 5000, bias=False)
+    return nn.Linear(features, classes, bias=False)
 
 
 @dataclass(frozen=True)
 class ModelKind:
     """A built-in model and the shape of the data it trains on."""
 
-    build: Callable[[], nn.Module]
-    features: int
+    build: Callable[[int, int], nn.Module]  # (features, classes)
+    features: int  # of the generated data it trains on
     classes: int
 
 
@@ -72,10 +77,13 @@ class TrainConfig:
     local_epochs: int = 1
 
 
-def build_model(name: str, seed: int) -> nn.Module:
-    """The initial global model: the same parameters for the same seed."""
+def build_model(name: str, seed: int, features: int | None = None,
+                classes: int | None = None) -> nn.Module:
+    """The initial global model: the same parameters for the same seed. The
+    shape of its data: the generated data's unless given."""
+    kind = _kind(name)
     torch.manual_seed(seed)
-    return _kind(name).build()
+    return kind.build(features or kind.features, classes or kind.classes)
 
 
 def _kind(name: str) -> ModelKind:

@@ -8,18 +8,14 @@ import pytest
 import torch
 
 from paramserver import __version__, training
-from paramserver.cli import (
-    _prepare_demo_workdir,
-    build_parser,
-    demo_client_command,
-    main,
-    parse_args,
-)
+from paramserver.cli import build_parser, main, parse_args
+from paramserver.demo import client_command, prepare_workdir
 
 
 def test_defaults_do_something_useful() -> None:
     args = parse_args(["demo"])
-    assert (args.clients, args.rounds, args.model) == (3, 5, "mlp")
+    assert (args.clients, args.rounds, args.task, args.data) == (10, 20, "mlp", "digits")
+    assert args.partition == "dirichlet:0.5"
     serve = parse_args(["serve"])
     assert (serve.host, serve.clients, serve.min_clients, serve.log_level) == (
         "127.0.0.1", 2, 1, "INFO")
@@ -98,7 +94,7 @@ def test_help_documents_the_server_address_and_the_deadline() -> None:
 def test_the_demo_passes_every_client_option_on(tmp_path: Path) -> None:
     args = parse_args(["demo", "--streaming", "--round-wait", "7", "--connect-timeout", "9",
                        "--lr", "0.5"])
-    command = demo_client_command(args, tmp_path, "client1", 1234, ["--model", "mlp"])
+    command = client_command(args, tmp_path, 0, 1234, ["--task", "mlp"])
     assert "--streaming" in command
     for flag, value in (("--round-wait", "7.0"), ("--connect-timeout", "9.0"), ("--lr", "0.5")):
         assert command[command.index(flag) + 1] == value, flag
@@ -124,7 +120,7 @@ def test_the_demo_never_empties_a_directory_it_did_not_make(
 
 def test_the_demo_empties_its_own_workdir(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    _prepare_demo_workdir(workdir)
+    prepare_workdir(workdir)
     (workdir / "server.log").write_text("old run")
-    _prepare_demo_workdir(workdir)
+    prepare_workdir(workdir)
     assert sorted(p.name for p in workdir.iterdir()) == [".paramserver-demo"]
