@@ -211,3 +211,39 @@ class PayloadTooLargeError(ParamServerError):
                          "use the streaming RPC")
         self.size = size
         self.limit = limit
+
+
+class UnauthenticatedError(ParamServerError):
+    """A call without a valid credential while authentication is on. Says
+    nothing about which client names exist."""
+
+    def __init__(self, why: str = "missing or invalid credentials") -> None:
+        super().__init__(f"unauthenticated: {why}")
+
+
+class PermissionDeniedError(ParamServerError):
+    """An authenticated caller acting as another client (its credential names
+    `principal`, the request names someone else)."""
+
+    def __init__(self, principal: str) -> None:
+        super().__init__(f"the caller is authenticated as {quote(principal)} and may act only "
+                         "as that client")
+        self.client_id = principal
+
+
+class LimitExceededError(ParamServerError):
+    """A per-caller limit (concurrent calls, payload size) was reached."""
+
+
+class SecAggError(ParamServerError):
+    """Secure aggregation cannot go on: too few survivors, a malformed or
+    inconsistent share, key or masked vector."""
+
+
+class SecAggAbortedError(SecAggError):
+    """A secure-aggregation round was aborted (fewer than the threshold of
+    clients left, or the round's deadline passed)."""
+
+    def __init__(self, round: int, why: str) -> None:
+        super().__init__(f"secure aggregation of round {round} aborted: {why}")
+        self.round = round

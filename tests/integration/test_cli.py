@@ -142,5 +142,5 @@ def test_the_demo_keeps_its_logs(tmp_path: Path, process_logs: list[Path]) -> No
         assert demo.wait(150) == 0, read_log(log)
     output = read_log(log)
     assert f"logs in {workdir}" in output
-    for name in ("server.log", "client1.log", "client2.log", "rounds.jsonl"):
+    for name in ("server.log", "client1.log", "client2.log", "metrics.jsonl"):
         assert (workdir / name).is_file(), name

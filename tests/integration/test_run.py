@@ -128,11 +128,12 @@ def test_demo_runs_and_is_deterministic(tmp_path: Path, process_logs: list[Path]
         _check_exit(code, f"demo in {workdir}", output)
         assert "OK:" in output, output
         digest = _final_digest(output)
-        records = [json.loads(line) for line in (workdir / "rounds.jsonl").read_text().splitlines()]
+        log_lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in log_lines]
         assert [(r["round"], r["num_updates"]) for r in records] == [(1, 2), (2, 2)], records
         assert digest == records[-1]["sha256"]
         digests.append(digest)
-    initial = codec.state_dict_digest(training.build_model("mlp", 0).state_dict()).hex()
+    initial = codec.state_dict_digest(training.build_model("mlp", 0, 64, 10).state_dict()).hex()
     assert digests[0] != initial, "the demo did not train"
     assert digests[0] == digests[1], "two demo runs with the same seed differ"
 
