@@ -47,11 +47,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/experiments"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
+                        help="which runs (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     baseline = centralized(args.seed)
     rows = []
-    for name, (split, strategy, parameters) in RUNS.items():
+    for name in args.runs:
+        split, strategy, parameters = RUNS[name]
         run_dir = args.out / name
         history = ps.run_experiment(
             tasks.Builtin("mlp", "digits", split, lr=LR), clients=CLIENTS, rounds=ROUNDS,
@@ -59,7 +62,7 @@ def main() -> None:
         shutil.rmtree(run_dir / "state")  # the server's state: not part of the record
         accuracy = history.accuracy()
         rows.append((name, accuracy[9], accuracy[19], accuracy[-1], history.final_sha256))
-    results.plot([args.out / name for name in RUNS], args.out / "digits.png",
+    results.plot([args.out / name for name in args.runs], args.out / "digits.png",
                  title=f"digits, {CLIENTS} clients, MLP, FedAvg unless named")
     print(f"centralized, {ROUNDS} epochs: test accuracy {baseline:.4f}")
     print("| run | round 10 | round 20 | round 30 | of centralized | final model sha256 |")

@@ -32,6 +32,7 @@ import torch
 
 from paramserver import (
     __version__,
+    cli_security,
     codec,
     data,
     demo,
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "command line overrides it")
     _add_strategy_args(serve)
     _add_task_args(serve)
+    cli_security.add_serve_args(serve)
 
     client = sub.add_parser("client", help="run one client", parents=[parent],
                             formatter_class=_Formatter)
@@ -266,9 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--summary-file", type=Path, help="write per-round digests as JSON")
     _add_task_args(client, client=True)
     _add_client_args(client)
+    cli_security.add_client_args(client)
 
     sub.add_parser("strategies", help="list the strategies, their parameters and papers",
                    parents=[parent], formatter_class=_Formatter)
+    cli_security.add_commands(sub, parent, _Formatter)
 
     bench = sub.add_parser("bench", help="the side-by-side benchmark (source checkout only)",
                            parents=[parent], formatter_class=_Formatter)
@@ -326,6 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         _validate(args)
+    except cli_security.SetupError as error:
+        prog = f"paramserver {args.command}"
+        parser.exit(EXIT_USAGE, f"{prog}: error: {error} (see '{prog} --help')\n")
     except UsageError as error:
         prog = f"paramserver {args.command}"
         parser.exit(EXIT_USAGE, f"{prog}: error: {error} (see '{prog} --help')\n")
@@ -394,6 +401,9 @@ def _validate(args: argparse.Namespace) -> None:
         if args.capacity < args.clients:
             raise UsageError(f"--capacity ({args.capacity}) is less than --clients "
                              f"({args.clients})")
+        cli_security.validate_serve(args)
+    if args.command == "client":
+        cli_security.validate_client(args)
     for path in (getattr(args, "ready_file", None), getattr(args, "summary_file", None),
                  getattr(args, "round_log", None)):
         if path is not None and not path.parent.is_dir():
@@ -414,9 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args)
     torch.set_num_threads(1)  # many processes share few cores; also keeps runs reproducible
     commands = {"serve": run_serve, "client": run_client, "demo": run_demo, "bench": run_bench,
-                "strategies": run_strategies, "plot": run_plot, "export": run_export}
+                "strategies": run_strategies, "plot": run_plot, "export": run_export,
+                "certs": cli_security.run_certs, "token": cli_security.run_token}
     try:
         return commands[args.command](args)
+    except cli_security.SetupError as error:
+        print(f"paramserver {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"paramserver {args.command}: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
@@ -508,7 +522,9 @@ def run_serve(args: argparse.Namespace) -> int:
         on_record=progress.record if progress is not None else None,
         sampling=sampling, min_available=args.min_available,
         evaluate_every=args.evaluate_every,
-        evaluation_sampling=Sampling(args.seed, args.evaluate_fraction, None, 1))
+        evaluation_sampling=Sampling(args.seed, args.evaluate_fraction, None, 1),
+        tls=cli_security.server_tls(args), limits=cli_security.limits(args))
+    cli_security.warn_if_insecure(args)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
@@ -526,8 +542,10 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("state dir %s holds a run that has finished all its rounds: serving its "
                     "final model to late clients, then exiting (start a new run with --fresh "
                     "or another --state-dir)", args.state_dir)
-    log.info("serving on %s (port %d), waiting for %d clients, %s rounds, state in %s",
-             address, running.port, args.clients, args.rounds or "unlimited", args.state_dir)
+    log.info("serving on %s (port %d, %s, authentication: %s), waiting for %d clients, %s "
+             "rounds, state in %s", address, running.port,
+             "TLS" if config.tls is not None else "plaintext", running.authentication,
+             args.clients, args.rounds or "unlimited", args.state_dir)
     if args.ready_file:
         processes.write_ready_file(args.ready_file, running.port)
     stopping.wait()
@@ -605,7 +623,8 @@ def run_client(args: argparse.Namespace) -> int:
               f"{report.received}/{report.expected or '?'} in", flush=True)
 
     with ParameterServerClient(args.server, chunk_size=args.chunk_size, retry=retry,
-                               streaming=args.streaming) as client:
+                               streaming=args.streaming,
+                               credentials=cli_security.client_credentials(args)) as client:
         summary = run_client(client, task, args.name, rounds=args.rounds,
                              round_wait=args.round_wait, on_round=on_round)
     if summary.finished_before_joining:

@@ -22,7 +22,7 @@ import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from paramserver import codec, errors, faults, wire
+from paramserver import codec, errors, faults, security, wire
 from paramserver.v1 import parameter_server_pb2 as pb
 from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
 
@@ -57,6 +57,8 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.ParamServerError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.RoundError,
     grpc.StatusCode.ALREADY_EXISTS: errors.ConflictingUpdateError,
     grpc.StatusCode.ABORTED: errors.RoundAbortedError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
 }
 _ERRORS_BY_NAME = {
     cls.__name__: cls for cls in vars(errors).values()
@@ -134,9 +136,11 @@ class ParameterServerClient:
     # Models whose payload fits the server's unary limit go in one unary call
     # each way (much cheaper than a stream); `streaming=True` never does that.
     streaming: bool = False
+    # TLS, a client certificate, a bearer token (None: plaintext, no token).
+    credentials: security.ClientCredentials | None = None
 
     def __post_init__(self) -> None:
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._channel = security.open_channel(self.address, self.credentials, CHANNEL_OPTIONS)
         self._stub = pb_grpc.ParameterServerStub(self._channel)  # type: ignore[no-untyped-call]
         self._payload = _PayloadCalls(self._channel)
         self._unary_limit = 0  # learnt at registration

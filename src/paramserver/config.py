@@ -19,6 +19,29 @@ from paramserver.strategies import FedAvg, Strategy
 Evaluator = Callable[[Mapping[str, torch.Tensor]], Mapping[str, float]]
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM bytes: the server's certificate and key; with `client_ca`, clients
+    must present a certificate from that CA (mTLS)."""
+
+    cert: bytes
+    key: bytes = field(repr=False)
+    client_ca: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """`per_client`: calls one authenticated client may have open at once
+    (any RPC but health). `uploads`: client streams open at once, all
+    callers together (a stream holds a server thread while it waits for its
+    messages). `idle_timeout`: seconds a client stream may go without sending
+    a message, the first one included, before it is cancelled."""
+
+    per_client: int = 4
+    uploads: int = 256
+    idle_timeout: float = 10.0
+
+
 @dataclass
 class ServerConfig:
     """`clients` and `min_clients` are `serve --clients` and `--min-clients`."""
@@ -55,6 +78,8 @@ class ServerConfig:
     # drawn with `evaluation_sampling` (None: every active client).
     evaluate_every: int = 0
     evaluation_sampling: Sampling | None = None
+    tls: TlsConfig | None = None  # None: plaintext (loopback, or serve --insecure)
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def assigns_rounds(self) -> bool:

@@ -24,9 +24,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from paramserver import codec, wire
+from paramserver import codec, security, wire
 from paramserver.clock import Clock
-from paramserver.config import ServerConfig
+from paramserver.config import ServerConfig, TlsConfig
 from paramserver.coordinator import Coordinator, GlobalModel
 from paramserver.errors import (
     AveragingError,
@@ -35,14 +35,19 @@ from paramserver.errors import (
     ConflictingUpdateError,
     DecodeError,
     InvalidClientNameError,
+    LimitExceededError,
     MalformedUpdateError,
     ModelMismatchError,
     ParamServerError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     RoundAbortedError,
     RoundError,
+    SecAggAbortedError,
+    SecAggError,
     ShuttingDownError,
     StorageError,
+    UnauthenticatedError,
     UnknownClientError,
     WaitTimeoutError,
 )
@@ -75,6 +80,11 @@ STATUS_BY_ERROR: dict[type[ParamServerError], grpc.StatusCode] = {
     StorageError: grpc.StatusCode.UNAVAILABLE,
     CallEndedError: grpc.StatusCode.CANCELLED,
     WaitTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SecAggError: grpc.StatusCode.INVALID_ARGUMENT,
+    SecAggAbortedError: grpc.StatusCode.ABORTED,
 }
 
 # Every status a handler sends stays far below gRPC's 8 KiB metadata limit
@@ -117,7 +127,10 @@ def _status_from_errors(context: grpc.ServicerContext, rpc: str) -> Iterator[Non
     try:
         yield
     except ParamServerError as error:
-        log.info("%s refused: %s", rpc, error)
+        # Refusals of callers without credentials (or past a limit) are many
+        # and cheap to send: at INFO they would let anyone fill the log.
+        quiet = isinstance(error, UnauthenticatedError | LimitExceededError)
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s refused: %s", rpc, error)
         _abort(context, error)
     except Exception as error:
         if not context.is_active():  # the client went away mid-call; nothing to answer
@@ -318,10 +331,83 @@ def _data_chunks(requests: Iterator[wire.Parts[pb.UpdateHeader]]) -> Iterator[me
         yield request.data
 
 
-def _method_handlers(servicer: ParameterServerServicer,
+class _Guard:
+    """Around every handler of the service (health is registered apart and
+    stays open): who is calling (security.Authenticator), whether the request
+    acts for that caller, and the per-caller limits. A refusal happens before
+    the handler decodes anything but the client name, so it changes nothing."""
+
+    def __init__(self, authenticator: security.Authenticator, counter: security.CallCounter,
+                 watchdog: security.StreamWatchdog) -> None:
+        self.authenticator = authenticator
+        self.counter = counter
+        self.watchdog = watchdog
+
+    def _admit(self, context: grpc.ServicerContext, rpc: str, upload: bool) -> str | None:
+        with _status_from_errors(context, rpc):
+            principal = self.authenticator.principal(context.invocation_metadata(),
+                                                     context.auth_context())
+            self.counter.enter(principal, rpc, upload)
+            return principal
+
+    def unary(self, rpc: str, behavior: Callable[[Any, grpc.ServicerContext], M],
+              ) -> Callable[[Any, grpc.ServicerContext], M]:
+        def handle(request: Any, context: grpc.ServicerContext) -> M:
+            principal = self._admit(context, rpc, upload=False)
+            try:
+                with _status_from_errors(context, rpc):
+                    security.check_identity(principal, security.claimed_name(request))
+                return behavior(request, context)
+            finally:
+                self.counter.exit(principal, upload=False)
+
+        return handle
+
+    def stream_out(self, rpc: str, behavior: Callable[[Any, grpc.ServicerContext], Iterator[M]],
+                   ) -> Callable[[Any, grpc.ServicerContext], Iterator[M]]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Iterator[M]:
+            principal = self._admit(context, rpc, upload=False)
+            try:
+                with _status_from_errors(context, rpc):
+                    security.check_identity(principal, security.claimed_name(request))
+                yield from behavior(request, context)
+            finally:
+                self.counter.exit(principal, upload=False)
+
+        return handle
+
+    def stream_in(self, rpc: str, behavior: Callable[[Iterator[Any], grpc.ServicerContext], M],
+                  ) -> Callable[[Iterator[Any], grpc.ServicerContext], M]:
+        def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> M:
+            principal = self._admit(context, rpc, upload=True)
+            watch = self.watchdog.watch(context.cancel)
+            try:
+                return behavior(_checked_stream(requests, principal, watch), context)
+            finally:
+                watch.close()
+                self.counter.exit(principal, upload=True)
+
+        return handle
+
+
+def _checked_stream(requests: Iterator[Any], principal: str | None,
+                    watch: security.Watch) -> Iterator[Any]:
+    """The stream's messages, each one resetting the idle watch; the first
+    one (the header) checked against the caller's identity."""
+    first = True
+    for request in requests:
+        watch.touch()
+        if first:
+            security.check_identity(principal, security.claimed_name(request))
+            first = False
+        yield request
+
+
+def _method_handlers(servicer: ParameterServerServicer, guard: _Guard,
                      ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The service's handlers: the generated ones but for the payload-carrying
-    messages, which go through `wire` (no protobuf copies of the payload)."""
+    messages, which go through `wire` (no protobuf copies of the payload);
+    each behind the guard."""
     update = wire.Decoder(pb.UpdateMessage, pb.UpdateHeader)
     chunk = wire.Decoder(pb.SendUpdateRequest, pb.UpdateHeader)
     # No deserializer may raise (gRPC would answer INTERNAL): unparseable
@@ -330,23 +416,31 @@ def _method_handlers(servicer: ParameterServerServicer,
     model_request = wire.lenient(pb.GetAveragedModelRequest)
     next_round = wire.lenient(pb.NextRoundRequest)
     report = wire.lenient(pb.EvaluationReport)
+    unary, stream_in, stream_out = guard.unary, guard.stream_in, guard.stream_out
     return {
         "RegisterClient": grpc.unary_unary_rpc_method_handler(
-            servicer.RegisterClient, register, pb.RegisterClientResponse.SerializeToString),
+            unary("RegisterClient", servicer.RegisterClient), register,
+            pb.RegisterClientResponse.SerializeToString),
         "SendUpdate": grpc.stream_unary_rpc_method_handler(
-            servicer.SendUpdate, chunk, pb.SendUpdateResponse.SerializeToString),
+            stream_in("SendUpdate", servicer.SendUpdate), chunk,
+            pb.SendUpdateResponse.SerializeToString),
         "GetAveragedModel": grpc.unary_stream_rpc_method_handler(
-            servicer.GetAveragedModel, model_request, wire.encoded),
+            stream_out("GetAveragedModel", servicer.GetAveragedModel), model_request,
+            wire.encoded),
         "SendUpdateUnary": grpc.unary_unary_rpc_method_handler(
-            servicer.SendUpdateUnary, update, pb.SendUpdateResponse.SerializeToString),
+            unary("SendUpdateUnary", servicer.SendUpdateUnary), update,
+            pb.SendUpdateResponse.SerializeToString),
         "GetAveragedModelUnary": grpc.unary_unary_rpc_method_handler(
-            servicer.GetAveragedModelUnary, model_request, wire.encoded),
+            unary("GetAveragedModelUnary", servicer.GetAveragedModelUnary), model_request,
+            wire.encoded),
         "ExchangeUnary": grpc.unary_unary_rpc_method_handler(
-            servicer.ExchangeUnary, update, wire.encoded),
+            unary("ExchangeUnary", servicer.ExchangeUnary), update, wire.encoded),
         "NextRound": grpc.unary_unary_rpc_method_handler(
-            servicer.NextRound, next_round, pb.RoundAssignment.SerializeToString),
+            unary("NextRound", servicer.NextRound), next_round,
+            pb.RoundAssignment.SerializeToString),
         "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
-            servicer.ReportEvaluation, report, pb.EvaluationAck.SerializeToString),
+            unary("ReportEvaluation", servicer.ReportEvaluation), report,
+            pb.EvaluationAck.SerializeToString),
     }
 
 
@@ -374,6 +468,8 @@ class RunningServer:
     coordinator: Coordinator
     health: health.HealthServicer
     executor: concurrent.futures.ThreadPoolExecutor
+    watchdog: security.StreamWatchdog
+    authentication: str = "none"
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Graceful: health goes NOT_SERVING, waiters are released with
@@ -388,6 +484,7 @@ class RunningServer:
         # process ("terminate called without an active exception", seen once
         # in the SIGTERM chaos test).
         self.executor.shutdown(wait=True)
+        self.watchdog.stop()
         self.coordinator.close()
 
 
@@ -403,40 +500,51 @@ def create_server(config: ServerConfig, initial_model: Mapping[str, torch.Tensor
     be used; either way nothing is left running or locked.
 
     Every client may hold one call waiting at the barrier (the coordinator caps
-    waiters at `capacity`), so the pool has a thread per client plus room for
-    the uploads that release them."""
+    waiters at `capacity`) and uploads are capped at `config.limits.uploads`,
+    so the pool has a thread for each of those plus room for short calls
+    (registration, health) that neither can crowd out."""
     health_servicer = health.HealthServicer()
     config = dataclasses.replace(config, on_storage=_storage_to_health(
         health_servicer, config.on_storage))
     coordinator = Coordinator(config, initial_model, clock)
-    workers = config.capacity + 16
+    workers = config.capacity + config.limits.uploads + 32
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                      thread_name_prefix="rpc")
+    watchdog = security.StreamWatchdog(config.limits.idle_timeout, clock)
     try:
+        authenticator = security.authenticator_for(
+            config.tls is not None and config.tls.client_ca is not None, config.state_dir)
+        guard = _Guard(authenticator, security.CallCounter(config.limits), watchdog)
         server = grpc.server(executor, maximum_concurrent_rpcs=workers * 2,
                              options=SERVER_OPTIONS)
         handlers = _method_handlers(ParameterServerServicer(coordinator, config.chunk_size,
-                                                            config))
+                                                            config), guard)
         server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        port = _bind(server, address)
+        port = _bind(server, address, config.tls)
         server.start()
     except BaseException:
         executor.shutdown(wait=False)
+        watchdog.stop()
         coordinator.close()
         raise
     serving = (health_pb2.HealthCheckResponse.SERVING if coordinator.storage_ok
                else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, serving)
-    return RunningServer(server, port, coordinator, health_servicer, executor)
+    return RunningServer(server, port, coordinator, health_servicer, executor, watchdog,
+                         authenticator.name)
 
 
-def _bind(server: grpc.Server, address: str) -> int:
+def _bind(server: grpc.Server, address: str, tls: TlsConfig | None) -> int:
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, security.server_credentials(
+                tls.cert, tls.key, tls.client_ca))
     except RuntimeError:  # grpcio raises where older versions returned 0
         port = 0
     if port == 0:

@@ -39,6 +39,8 @@ CLIENTS_FILE = "clients.json"
 SERVER_STATE_PREFIX = "server-state."
 RUN_FILE = "run.json"
 LOCK_FILE = "lock"
+# The enrolled clients (tokens.py): they outlive a run.
+TOKENS_FILE = "tokens.json"
 
 
 class StorageHealth:
@@ -132,9 +134,10 @@ class StateDir:
 
     def clear(self) -> None:
         """Discards the run this dir holds (`serve --fresh`): everything but
-        the lock, which this server holds. Raises StateDirError for a dir that
-        is neither empty nor a state dir (nothing else is ever deleted)."""
-        entries = [p for p in self.root.iterdir() if p.name != LOCK_FILE]
+        the lock, which this server holds, and the enrolled clients' tokens.
+        Raises StateDirError for a dir that is neither empty nor a state dir
+        (nothing else is ever deleted)."""
+        entries = [p for p in self.root.iterdir() if p.name not in (LOCK_FILE, TOKENS_FILE)]
         if entries and not (self.root / RUN_FILE).exists():
             raise StateDirError(f"{self.root} is not a paramserver state dir (no {RUN_FILE}); "
                                 "refusing to empty it for --fresh")

@@ -102,7 +102,9 @@ def test_a_crash_after_the_final_model_is_published_strands_nobody(
     clients = [client_factory(name, f"unix:{socket}") for name in ("c1", "c2")]
     code = first.process.wait(EXIT_TIMEOUT)
     assert code == -signal.SIGKILL, first.log()
-    second = server_factory(*extra, clients=2, rounds=2, state_dir=state)
+    # The clients may have fetched the final model from the first server
+    # already; the second cannot know, and serves it for --linger seconds.
+    second = server_factory(*extra, "--linger", "15", clients=2, rounds=2, state_dir=state)
     for client in clients:
         assert client.wait(EXIT_TIMEOUT) == 0, client.log()
     assert second.process.wait(EXIT_TIMEOUT) == 0, second.log()

@@ -18,6 +18,7 @@ from paramserver.server import (
     STATUS_BY_ERROR,
     ParameterServerServicer,
     RunningServer,
+    _Guard,
     _method_handlers,
     create_server,
     status_code_for,
@@ -203,7 +204,8 @@ def test_unary_calls_refuse_models_over_the_limit(tmp_path: Path) -> None:
 
 def test_the_handlers_serve_every_method_of_the_proto_as_declared() -> None:
     # The table only refers to the servicer's methods: no coordinator needed.
-    handlers = _method_handlers(ParameterServerServicer.__new__(ParameterServerServicer))
+    handlers = _method_handlers(ParameterServerServicer.__new__(ParameterServerServicer),
+                                _Guard.__new__(_Guard))
     declared = wire.SERVICE.methods
     assert sorted(handlers) == sorted(m.name for m in declared)
     for method in declared:
