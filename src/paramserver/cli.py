@@ -523,7 +523,8 @@ def run_serve(args: argparse.Namespace) -> int:
         sampling=sampling, min_available=args.min_available,
         evaluate_every=args.evaluate_every,
         evaluation_sampling=Sampling(args.seed, args.evaluate_fraction, None, 1),
-        tls=cli_security.server_tls(args), limits=cli_security.limits(args))
+        tls=cli_security.server_tls(args), limits=cli_security.limits(args),
+        secagg=cli_security.secagg_settings(args))
     cli_security.warn_if_insecure(args)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -626,7 +627,8 @@ def run_client(args: argparse.Namespace) -> int:
                                streaming=args.streaming,
                                credentials=cli_security.client_credentials(args)) as client:
         summary = run_client(client, task, args.name, rounds=args.rounds,
-                             round_wait=args.round_wait, on_round=on_round)
+                             round_wait=args.round_wait, on_round=on_round,
+                             save_quantized=args.save_quantized)
     if summary.finished_before_joining:
         print(f"{args.name}: the run at {args.server} has already finished all its "
               f"{summary.total_rounds} rounds; nothing to do", flush=True)

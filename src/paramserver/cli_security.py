@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from paramserver import certs, errors
-from paramserver.config import Limits, TlsConfig
+from paramserver.config import Limits, SecAggSettings, TlsConfig
+from paramserver.quantize import Quantization
 from paramserver.security import ClientCredentials
 from paramserver.tokens import TokenFileError, TokenStore
 
@@ -40,6 +41,25 @@ def add_serve_args(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--stream-idle-timeout", type=float, default=Limits.idle_timeout,
                        help="seconds an upload stream may send nothing (its first message "
                             "included) before it is cancelled")
+    secagg = serve.add_argument_group("secure aggregation (Bonawitz et al. 2017)")
+    secagg.add_argument("--secagg", action="store_true",
+                        help="the server sees only masked updates and their sum (fedavg or "
+                             "fedprox; needs --round-timeout)")
+    secagg.add_argument("--secagg-threshold", type=int,
+                        help="shares that rebuild a secret (default: a strict majority of a "
+                             "neighbourhood)")
+    secagg.add_argument("--secagg-neighbours", type=int, default=0,
+                        help="SecAgg+ (Bell et al. 2020): each client's neighbours on a "
+                             "random graph of this even degree; 0 = everyone")
+    secagg.add_argument("--secagg-bits", type=int, default=Quantization.bits,
+                        help="sums are taken mod 2**bits")
+    secagg.add_argument("--secagg-frac-bits", type=int, default=Quantization.frac_bits,
+                        help="fixed-point fractional bits")
+    secagg.add_argument("--secagg-clip", type=float, default=Quantization.clip,
+                        help="values are clipped to [-clip, clip] before quantising")
+    secagg.add_argument("--secagg-timeout", type=float, default=SecAggSettings.stage_timeout,
+                        help="seconds a key or unmasking stage waits for clients that "
+                             "neither answer nor leave")
 
 
 def add_client_args(client: argparse.ArgumentParser) -> None:
@@ -51,6 +71,9 @@ def add_client_args(client: argparse.ArgumentParser) -> None:
     group.add_argument("--token-file", type=Path,
                        help=f"a file holding this client's token (paramserver token add); "
                             f"or set {TOKEN_ENV}")
+    client.add_argument("--save-quantized", type=Path, metavar="DIR",
+                        help="with secure aggregation: keep each round's quantised update "
+                             "(before masking) as DIR/NAME-round-R.npy")
 
 
 def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
@@ -83,10 +106,44 @@ def validate_serve(args: argparse.Namespace) -> None:
         raise SetupError("--max-streams-per-client must be at least 1")
     if not args.stream_idle_timeout > 0:
         raise SetupError("--stream-idle-timeout must be positive")
+    if args.secagg:
+        _validate_secagg(args)
     if (args.unix_socket is None and args.tls_cert is None and not _loopback(args.host)
             and not args.insecure):
         raise SetupError(f"--host {args.host} is not loopback: serve TLS (--tls-cert, "
                          "--tls-key, and --client-ca or enrolled tokens) or say --insecure")
+
+
+SECAGG_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _validate_secagg(args: argparse.Namespace) -> None:
+    if args.strategy not in SECAGG_STRATEGIES:
+        raise SetupError(f"--secagg sums updates: it works with {', '.join(SECAGG_STRATEGIES)}, "
+                         f"not {args.strategy} (which needs each update, or a server "
+                         "optimizer's state)")
+    if not args.round_timeout:
+        raise SetupError("--secagg needs --round-timeout: a client that drops before sending "
+                         "its masked update is left out only at the round's deadline")
+    if args.clients < 2:
+        raise SetupError("--secagg needs --clients 2 or more (one client's sum is its update)")
+    if args.secagg_neighbours < 0 or args.secagg_neighbours % 2:
+        raise SetupError("--secagg-neighbours must be an even number, 0 for everyone")
+    if args.secagg_threshold is not None and args.secagg_threshold < 1:
+        raise SetupError("--secagg-threshold must be at least 1")
+    if not args.secagg_timeout > 0:
+        raise SetupError("--secagg-timeout must be positive")
+    secagg_settings(args)  # the quantisation's own checks
+
+
+def secagg_settings(args: argparse.Namespace) -> SecAggSettings | None:
+    if not args.secagg:
+        return None
+    try:
+        q = Quantization(args.secagg_bits, args.secagg_frac_bits, args.secagg_clip)
+    except errors.SecAggError as error:
+        raise SetupError(f"--secagg-bits/--secagg-frac-bits/--secagg-clip: {error}") from None
+    return SecAggSettings(q, args.secagg_threshold, args.secagg_neighbours, args.secagg_timeout)
 
 
 def validate_client(args: argparse.Namespace) -> None:

@@ -22,7 +22,8 @@ import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from paramserver import codec, errors, faults, security, wire
+from paramserver import codec, errors, faults, secagg_codec, security, wire
+from paramserver.quantize import Quantization
 from paramserver.v1 import parameter_server_pb2 as pb
 from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
 
@@ -111,6 +112,8 @@ class Registration:
     assigns_rounds: bool = False  # ask NextRound before every round
     config: Mapping[str, float] = field(default_factory=dict)
     strategy: str = "fedavg"
+    # Secure aggregation: the quantisation and the SecAgg+ degree (None: off).
+    secagg: tuple[Quantization, int] | None = None
 
     @property
     def run_finished(self) -> bool:
@@ -166,9 +169,11 @@ class ParameterServerClient:
         specs = codec.specs_from_proto(reply.tensors)
         self._unary_limit = 0 if self.streaming else reply.max_unary_payload
         self._model_size = codec.payload_size(specs)
+        secagg = (secagg_codec.settings_from_proto(reply.secagg) if reply.HasField("secagg")
+                  else None)
         return Registration(reply.client_id, reply.first_round, reply.model_round,
                             reply.total_rounds, specs, reply.assigns_rounds,
-                            dict(reply.config), reply.strategy or "fedavg")
+                            dict(reply.config), reply.strategy or "fedavg", secagg)
 
     def next_round(self, client_id: str, after_round: int,
                    timeout: float | None = None) -> codec.Plan:
@@ -261,6 +266,12 @@ class ParameterServerClient:
 
         return self._call(receive)
 
+    def secure_aggregation(self, requests: Iterator[pb.SecAggClientMessage],
+                           timeout: float | None) -> SecureStream:
+        """Opens a round's secure-aggregation stream (secagg_client.py drives
+        it). Not retried: a broken stream means the round starts over."""
+        return SecureStream(self._payload.secure(requests, timeout=timeout))
+
     def _fits_unary(self, specs: codec.ModelSpec) -> bool:
         return codec.payload_size(specs) <= self._unary_limit
 
@@ -300,6 +311,25 @@ class ParameterServerClient:
                 policy.sleep(delay)
 
 
+class SecureStream:
+    """The server's side of a SecureAggregation stream, message by message,
+    with failures as our errors."""
+
+    def __init__(self, call: Iterator[pb.SecAggServerMessage]) -> None:
+        self._call = call
+
+    def next(self) -> pb.SecAggServerMessage | None:
+        """The next message, None at the stream's end. Raises our error for
+        the status the stream failed with."""
+        try:
+            return next(self._call, None)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()  # type: ignore[attr-defined]
+
+
 def _one_line(error: errors.ParamServerError) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= 200 else text[:200] + "..."
@@ -330,6 +360,9 @@ class _PayloadCalls:
         self.get_model_unary = channel.unary_unary(
             wire.method_path("GetAveragedModelUnary"), request, model)
         self.exchange = channel.unary_unary(wire.method_path("ExchangeUnary"), wire.encoded, model)
+        self.secure = channel.stream_stream(
+            wire.method_path("SecureAggregation"), pb.SecAggClientMessage.SerializeToString,
+            pb.SecAggServerMessage.FromString)
 
 
 def _with_crash_point(requests: Iterator[bytes], round: int) -> Iterator[bytes]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from paramserver import codec
+from paramserver.quantize import Quantization
 from paramserver.sampling import Sampling
 from paramserver.strategies import FedAvg, Strategy
 
@@ -40,6 +41,20 @@ class Limits:
     per_client: int = 4
     uploads: int = 256
     idle_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Secure aggregation (serve --secagg). `threshold`: shares needed to
+    rebuild a secret (None: a strict majority of a neighbourhood);
+    `neighbours`: the SecAgg+ graph's degree (0: the full graph);
+    `stage_timeout`: seconds each key or unmasking stage waits for clients
+    that neither answer nor leave."""
+
+    quantization: Quantization = field(default_factory=Quantization)
+    threshold: int | None = None
+    neighbours: int = 0
+    stage_timeout: float = 60.0
 
 
 @dataclass
@@ -80,9 +95,10 @@ class ServerConfig:
     evaluation_sampling: Sampling | None = None
     tls: TlsConfig | None = None  # None: plaintext (loopback, or serve --insecure)
     limits: Limits = field(default_factory=Limits)
+    secagg: SecAggSettings | None = None
 
     @property
     def assigns_rounds(self) -> bool:
         """Whether clients must ask for each round (NextRound)."""
-        return (self.sampling is not None or self.evaluate_every > 0
+        return (self.sampling is not None or self.evaluate_every > 0 or self.secagg is not None
                 or bool(self.strategy.round_config(1)))

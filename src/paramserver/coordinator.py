@@ -54,6 +54,7 @@ from paramserver.errors import (
     DecodeError,
     MalformedUpdateError,
     ModelMismatchError,
+    SecAggAbortedError,
     ShuttingDownError,
     StorageError,
 )
@@ -63,6 +64,7 @@ from paramserver.roundlog import RoundLog
 from paramserver.rounds import (
     Aborted,
     Accepted,
+    Assignment,
     ModelStatus,
     Phase,
     Registration,
@@ -72,6 +74,7 @@ from paramserver.rounds import (
 )
 from paramserver.runend import RunEnd
 from paramserver.sampling import Sampling
+from paramserver.secagg_server import SecAggOrderError, SecureRounds, masked_spec, secure_average
 from paramserver.spool import Spool, SpooledUpdate, SpoolReader, SpoolWriter
 from paramserver.state import StateDir, StateDirError, StorageHealth
 
@@ -108,6 +111,8 @@ class Coordinator:
         # No round may close (or open) with fewer updates than the strategy
         # can combine: the quorum is at least that.
         quorum = max(config.min_clients, config.strategy.min_updates)
+        if config.secagg is not None:
+            quorum = max(quorum, 2)  # one client's "sum" would be its update
         self._machine: RoundMachine[SpooledUpdate] = RoundMachine(
             clients=config.clients, total_rounds=config.total_rounds,
             capacity=config.capacity, round_timeout=config.round_timeout,
@@ -117,6 +122,10 @@ class Coordinator:
         self._evaluations = Evaluations(config.evaluate_every,
                                         config.evaluation_sampling or Sampling())
         self.specs = codec.spec_of(initial_model)
+        # With secure aggregation the updates are masked vectors, not models.
+        self.secure = (SecureRounds(config.secagg, self._clock)
+                       if config.secagg is not None else None)
+        self.update_specs = masked_spec(self.specs) if self.secure is not None else self.specs
         self._strategy = config.strategy
         self._state_specs = state_specs(self.specs, config.strategy.optimizer)
         validate_state_dict(initial_model, self.specs)
@@ -179,7 +188,9 @@ class Coordinator:
         with self._cond:
             duplicate = self._machine.check_submit(header.client_id, header.round, header.sha256)
         if duplicate is None:
-            codec.check_specs_match(header.specs, self.specs)
+            codec.check_specs_match(header.specs, self.update_specs)
+            if self.secure is not None:
+                self.secure.check_sender(header.round, header.client_id)
         else:  # the original may still be between its rename and its dir fsync
             self._sync_round(header.round)
         return duplicate
@@ -290,7 +301,10 @@ class Coordinator:
         first. Raises ShuttingDownError and what the machine raises."""
         self._check_running()
         with self._cond:
-            while (assignment := self._machine.assignment(client_id, after_round)) is None:
+            while True:
+                assignment = self._machine.assignment(client_id, after_round)
+                if assignment is not None and self._settled(assignment):
+                    break
                 self._check_running()
                 left = remaining()
                 if (left is not None and left <= 0) or (alive is not None and not alive()):
@@ -304,6 +318,12 @@ class Coordinator:
                 self._cond.notify_all()
             return codec.Plan(assignment.role.value, assignment.round, assignment.model_round,
                               dict(config), evaluate)
+
+    def _settled(self, assignment: Assignment) -> bool:
+        # A secure round trains only once its cohort is known (no early
+        # updates: the keys are exchanged within the cohort first).
+        return not (self.secure is not None and assignment.role is Role.TRAIN
+                    and self._machine.phase is not Phase.COLLECTING)
 
     def report_evaluation(self, client_id: str, round: int, num_examples: int,
                           metrics: Mapping[str, float]) -> bool:
@@ -340,6 +360,21 @@ class Coordinator:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        if self.secure is not None:
+            self.secure.abort_all("the server is stopping")
+
+    def secure_cohort(self, client_id: str, round: int) -> frozenset[str]:
+        """The cohort of `round` if it is the open round collecting updates
+        (a secure round may begin); raises what NextRound would, else
+        SecAggOrderError."""
+        self._check_running()
+        with self._cond:
+            machine = self._machine
+            machine.check_known(client_id)
+            if machine.phase is not Phase.COLLECTING or round != machine.open_round:
+                raise SecAggOrderError(f"round {round} is not open for updates (the open "
+                                       f"round is {machine.open_round}, {machine.phase.value})")
+            return machine.cohort
 
     def close(self, timeout: float = 30.0) -> None:
         """`shutdown`, then waits for the timer and any running aggregation (so
@@ -404,22 +439,33 @@ class Coordinator:
         updates = [u.payload for u in accepted.closed]
         started = time.perf_counter()
         opened_at = self._machine.opened_at  # stable: the round cannot reopen before publish
-        with SpoolReader(updates) as reader:
-            result = Driver(self.specs, self._strategy, reader, updates, self._model.payload,
-                            self._server_state).run()
-        payload = result.payload
+        payload: bytes | bytearray
+        if self.secure is not None:
+            try:
+                payload, num_updates, total_examples = secure_average(
+                    self.secure, accepted.round, updates, self.specs,
+                    lambda: not self._stopping)
+            except SecAggAbortedError as error:
+                self._abort_secure_round(accepted.round, error)
+                return
+            state, metrics = self._server_state, {}
+        else:
+            with SpoolReader(updates) as reader:
+                result = Driver(self.specs, self._strategy, reader, updates,
+                                self._model.payload, self._server_state).run()
+            payload, state = result.payload, result.state
+            num_updates, total_examples = len(updates), sum(u.num_examples for u in updates)
+            fractions = weight_fractions([u.num_examples for u in updates])
+            metrics = average_metrics(fractions, [u.header.metrics for u in updates])
         faults.maybe_crash("during_aggregation", accepted.round)
-        fractions = weight_fractions([u.num_examples for u in updates])
-        metrics = average_metrics(fractions, [u.header.metrics for u in updates])
         if self._config.evaluator is not None:
             metrics.update(self._evaluate(payload))
         header = codec.ModelHeader(
             round=accepted.round, specs=self.specs, sha256=hashlib.sha256(payload).digest(),
-            num_updates=len(updates), total_examples=sum(u.num_examples for u in updates),
-            metrics=metrics)
+            num_updates=num_updates, total_examples=total_examples, metrics=metrics)
         if self._strategy.optimizer is not None:  # the state first: see StateDir
             save_state = functools.partial(self._state.save_server_state, accepted.round,
-                                           self._state_specs, result.state)
+                                           self._state_specs, state)
             if not self._write_until_done(f"the server state of round {accepted.round}",
                                           save_state):
                 return  # stopping: a restart aggregates the round again
@@ -430,7 +476,7 @@ class Coordinator:
         with self._cond:
             previous = self._model.header.round
             self._model = GlobalModel(header, payload)
-            self._server_state = result.state
+            self._server_state = state
             self._machine.published(accepted.round, self._clock.now())
             evaluated = self._evaluations.published(accepted.round, self._machine.active)
             self._after_transition()
@@ -448,7 +494,24 @@ class Coordinator:
                              None if opened_at is None else self._clock.now() - opened_at)
         if evaluated is not None:
             self._round_log.evaluation(evaluated)
+        if self.secure is not None:
+            self.secure.finish(accepted.round, num_updates, total_examples)
         faults.maybe_crash("after_publish", accepted.round)
+
+    def _abort_secure_round(self, round: int, error: SecAggAbortedError) -> None:
+        """Secure aggregation lost too many clients: the round is aborted (its
+        masked updates are useless without their reveals), the model stays."""
+        with self._cond:
+            if self._stopping:
+                return  # a restart runs the round again
+            try:
+                self._journal.record_aborted(round)
+            except OSError as failure:  # a restart then runs the round again: also fine
+                log.debug("cannot record round %d's abort: %s", round, failure)
+            self._machine.aggregation_aborted(round, self._clock.now())
+            log.warning("round %d aborted: %s", round, error)
+            self._spool.drop_round(round)
+            self._after_transition()
 
     def _evaluate(self, payload: bytes | bytearray) -> dict[str, float]:
         # A broken evaluator must not stop training (nor, as a fail-stop, make
@@ -593,11 +656,19 @@ class Coordinator:
             self._model = GlobalModel(stored.header, stored.payload)
         published = self._model.header.round
         self._server_state = self._load_server_state(published)
-        resume = self._journal.resume(published, self.specs)
+        resume = self._journal.resume(published, self.update_specs)
+        received = resume.received
+        if self.secure is not None and received:
+            # The keys and shares of that attempt are gone with the process:
+            # its masked updates can never be unmasked. The round runs again.
+            log.info("resuming: the secure round %d starts again (%d masked updates "
+                     "dropped)", resume.open_round, len(received))
+            self._spool.drop_round(resume.open_round)
+            received = []
         now = self._clock.now()
         closed = self._machine.restore(
             self._state.load_clients(), published, resume.open_round, resume.cohort,
-            [Update(u.header.client_id, u.header.sha256, u) for u in resume.received], now,
+            [Update(u.header.client_id, u.header.sha256, u) for u in received], now,
             resume.last, resume.timing)
         self._persisted_round = resume.open_round if resume.cohort else 0
         # Only a round re-aggregated at start-up can have a successor with
@@ -620,7 +691,7 @@ class Coordinator:
         # the new open round may already hold acknowledged updates on disk.
         # Count them, or their clients would wait for ever.
         machine = self._machine
-        for update in self._spool.load_round(machine.open_round, self.specs):
+        for update in self._spool.load_round(machine.open_round, self.update_specs):
             header = update.header
             if header.client_id in machine.cohort and header.client_id not in machine.received:
                 accepted = machine.submit(header.client_id, header.round, header.sha256, update,

@@ -17,7 +17,8 @@ from paramserver.errors import ParamServerError
 CRASH_ENV = "PARAMSERVER_TEST_CRASH_AT"
 SERVER_POINTS = ("before_ack", "after_ack", "during_aggregation", "during_model_write",
                  "after_publish")
-CLIENT_POINTS = ("client_before_upload", "client_during_upload", "client_after_upload")
+CLIENT_POINTS = ("client_before_upload", "client_during_upload", "client_after_upload",
+                 "client_after_masked")
 
 log = logging.getLogger("paramserver.faults")
 

@@ -51,8 +51,11 @@ Rules, all of them here:
   nothing yet (the next round has not opened; ask again when it has).
 - A closed round is AGGREGATING until the transport reports the global model
   published; then the next round opens, or the run is FINISHED after
-  `total_rounds`. A round after the first opens once `min_clients` clients are
-  active; until then the machine waits for clients again.
+  `total_rounds`. The transport may instead report that the aggregation
+  cannot finish (secure aggregation lost too many clients): the round is
+  aborted like one that missed its quorum. A round after the first opens once
+  `min_clients` clients are active; until then the machine waits for clients
+  again.
 - The same update (same digest) sent again for a round is a duplicate: counted
   once and acknowledged again, also just after the round closed (the retry of
   an upload whose acknowledgement was lost). A different one is refused; the
@@ -100,6 +103,7 @@ class Event(enum.Enum):
     REGISTER = "register"
     PUBLISH = "publish"
     DEADLINE = "deadline"
+    ABORT = "abort"
 
 
 class IllegalTransitionError(ParamServerError):
@@ -264,6 +268,16 @@ class RoundMachine(Generic[P]):
         if round != self.open_round:
             raise IllegalTransitionError(f"published round {round}, open is {self.open_round}")
         self._dispatch(Event.PUBLISH, now)
+
+    def aggregation_aborted(self, round: int, now: float) -> Aborted[P]:
+        """The closed round cannot be aggregated (secure aggregation lost too
+        many clients): its updates are discarded, the global model stays and
+        the next round begins, as for a round aborted at its deadline."""
+        if round != self.open_round:
+            raise IllegalTransitionError(f"aborted round {round}, open is {self.open_round}")
+        aborted = self._dispatch(Event.ABORT, now)
+        assert isinstance(aborted, Aborted)
+        return aborted
 
     def tick(self, now: float) -> Accepted[P] | Aborted[P] | None:
         """Applies the round deadline, if it has passed: returns the closed
@@ -434,6 +448,11 @@ class RoundMachine(Generic[P]):
         self._next_round(now)
         return aborted
 
+    def _abort_aggregation(self, now: float) -> Aborted[P]:
+        aborted = Aborted(self.open_round, self._in_canonical_order())
+        self._next_round(now)
+        return aborted
+
     def _close(self) -> tuple[Update[P], ...]:
         self.phase = Phase.AGGREGATING
         return self._in_canonical_order()
@@ -545,6 +564,7 @@ _TRANSITIONS: dict[tuple[Phase, Event], Callable[..., object]] = {
     (Phase.AGGREGATING, Event.REGISTER): RoundMachine._register_during_run,
     (Phase.FINISHED, Event.REGISTER): RoundMachine._register_after_end,
     (Phase.AGGREGATING, Event.PUBLISH): RoundMachine._publish,
+    (Phase.AGGREGATING, Event.ABORT): RoundMachine._abort_aggregation,
     (Phase.WAITING_FOR_CLIENTS, Event.DEADLINE): RoundMachine._deadline_while_waiting,
     (Phase.COLLECTING, Event.DEADLINE): RoundMachine._deadline,
 }

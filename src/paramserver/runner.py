@@ -11,13 +11,16 @@ Over a ParameterServerClient (gRPC); must not import grpc itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from paramserver import codec, errors, faults
 from paramserver.client import ParameterServerClient, Registration
+from paramserver.secagg_client import secure_train_and_send
 from paramserver.task import Task
 
 log = logging.getLogger("paramserver.client")
@@ -63,6 +66,7 @@ class _Run:
     round_wait: float
     on_round: Callable[[RoundReport], None] | None
     summary: ClientSummary
+    save_quantized: Path | None = None
     reg: Registration | None = None
     resyncs: int = 0
     _sent: set[int] = field(default_factory=set)  # rounds its update was acknowledged for
@@ -82,6 +86,9 @@ class _Run:
 
     def train_and_send(self, round: int, config: dict[str, float]) -> None:
         assert self.reg is not None
+        if self.reg.secagg is not None:
+            self._secure_train_and_send(round, config)
+            return
         result = self.task.train(self.model, round, self.name, config)
         faults.maybe_crash("client_before_upload", round)
         ack = self.client.send_update(self.reg.client_id, round, self.model.state_dict(),
@@ -92,6 +99,26 @@ class _Run:
         if self.on_round is not None:
             self.on_round(RoundReport(self.name, round, result.num_examples,
                                       dict(result.metrics), ack.received, ack.expected))
+
+    def _secure_train_and_send(self, round: int, config: dict[str, float]) -> None:
+        """Keys first, then training, then the masked update and the unmasking."""
+        assert self.reg is not None
+        assert self.reg.secagg is not None
+
+        def train() -> tuple[Mapping[str, torch.Tensor], int, dict[str, float]]:
+            result = self.task.train(self.model, round, self.name, config)
+            faults.maybe_crash("client_before_upload", round)
+            return self.model.state_dict(), result.num_examples, dict(result.metrics)
+
+        outcome, metrics, weight = secure_train_and_send(
+            self.client, self.reg.client_id, round, self.reg.secagg, train, self.round_wait,
+            self.save_quantized)
+        if outcome.included:
+            self._sent.add(round)
+        self.resyncs = 0
+        if self.on_round is not None:
+            self.on_round(RoundReport(self.name, round, weight, metrics, outcome.num_updates,
+                                      outcome.num_updates))
 
     def evaluate(self, round: int) -> None:
         assert self.reg is not None
@@ -114,18 +141,20 @@ class _Run:
 
 
 RESYNC_ON = (errors.RoundError, errors.RoundAbortedError, errors.UnknownClientError,
-             errors.WaitTimeoutError, errors.ConflictingUpdateError)
+             errors.WaitTimeoutError, errors.ConflictingUpdateError, errors.SecAggError)
 
 
 def run_client(client: ParameterServerClient, task: Task, name: str, *, rounds: int = 0,
                round_wait: float = 600.0, model: nn.Module | None = None,
-               on_round: Callable[[RoundReport], None] | None = None) -> ClientSummary:
+               on_round: Callable[[RoundReport], None] | None = None,
+               save_quantized: Path | None = None) -> ClientSummary:
     """Runs `name` through the server's rounds (up to round `rounds`; 0: all
-    of them) with `task`. Raises ModelMismatchError if its model is not the
-    server's, and what the client library raises once retries and re-syncs
-    are used up."""
+    of them) with `task`. With secure aggregation, `save_quantized` keeps each
+    round's quantised update (before masking) as DIR/NAME-round-R.npy. Raises
+    ModelMismatchError if its model is not the server's, and what the client
+    library raises once retries and re-syncs are used up."""
     run = _Run(client, task, name, model if model is not None else task.model(), rounds,
-               round_wait, on_round, ClientSummary(name))
+               round_wait, on_round, ClientSummary(name), save_quantized)
     reg = run.register()
     run.summary.total_rounds = reg.total_rounds
     if reg.run_finished:

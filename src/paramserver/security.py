@@ -39,6 +39,7 @@ from paramserver.clock import Clock, SystemClock
 from paramserver.config import Limits
 from paramserver.errors import LimitExceededError, PermissionDeniedError, UnauthenticatedError
 from paramserver.tokens import TokenStore
+from paramserver.v1 import parameter_server_pb2 as pb
 
 log = logging.getLogger("paramserver.security")
 
@@ -133,6 +134,8 @@ def claimed_name(request: object) -> str | None:
     (registration), or its UpdateHeader's client_id (payload messages)."""
     if isinstance(request, wire.Parts):
         return None if request.header is None else str(request.header.client_id)
+    if isinstance(request, pb.SecAggClientMessage):  # a secure round's first message
+        return request.advertise.client_id if request.HasField("advertise") else None
     for attribute in ("client_id", "client_name"):
         value = getattr(request, attribute, None)
         if isinstance(value, str):

@@ -24,7 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from paramserver import codec, security, wire
+from paramserver import codec, secagg_codec, security, wire
 from paramserver.clock import Clock
 from paramserver.config import ServerConfig, TlsConfig
 from paramserver.coordinator import Coordinator, GlobalModel
@@ -52,6 +52,7 @@ from paramserver.errors import (
     WaitTimeoutError,
 )
 from paramserver.rounds import Accepted
+from paramserver.secagg_server import SecAggOrderError, SecureRounds
 from paramserver.spool import SpooledUpdate
 from paramserver.v1 import parameter_server_pb2 as pb
 from paramserver.v1 import parameter_server_pb2_grpc as pb_grpc
@@ -85,6 +86,7 @@ STATUS_BY_ERROR: dict[type[ParamServerError], grpc.StatusCode] = {
     LimitExceededError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SecAggError: grpc.StatusCode.INVALID_ARGUMENT,
     SecAggAbortedError: grpc.StatusCode.ABORTED,
+    SecAggOrderError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 # Every status a handler sends stays far below gRPC's 8 KiB metadata limit
@@ -167,7 +169,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 tensors=codec.specs_to_proto(self._coordinator.specs),
                 assigns_rounds=config.assigns_rounds,
                 config=dict(config.strategy.round_config(reg.first_round)),
-                strategy=config.strategy.name)
+                strategy=config.strategy.name,
+                secagg=None if config.secagg is None else secagg_codec.settings_to_proto(
+                    config.secagg.quantization, config.secagg.neighbours))
 
     def SendUpdate(self, request_iterator: Iterator[wire.Parts[pb.UpdateHeader]],
                    context: grpc.ServicerContext) -> pb.SendUpdateResponse:
@@ -226,6 +230,53 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 report.client_id, report.round, report.num_examples, report.metrics)
             return pb.EvaluationAck(counted=counted)
 
+    def SecureAggregation(self, requests: Iterator[pb.SecAggClientMessage | wire.Unparseable],
+                          context: grpc.ServicerContext) -> Iterator[pb.SecAggServerMessage]:
+        rpc = "SecureAggregation"
+        with _status_from_errors(context, rpc):
+            first = _step(requests, "advertise").advertise
+            secure = self._secure_rounds()
+            context.add_callback(secure.wake)  # a stream that ends frees its stage
+            client, round, advert = secagg_codec.advert_from_proto(first)
+            cohort = self._coordinator.secure_cohort(client, round)
+            secure.advertise(round, cohort, client, advert)
+        alive = context.is_active
+        try:
+            with _status_from_errors(context, rpc):
+                roster = secure.roster(round, client, alive)
+            yield pb.SecAggServerMessage(roster=secagg_codec.roster_to_proto(roster))
+            with _status_from_errors(context, rpc):
+                shares = _step(requests, "shares").shares
+                secure.share(round, client, secagg_codec.boxes_from_proto(shares.ciphertexts))
+                delivered = secure.delivered(round, client, alive)
+            yield pb.SecAggServerMessage(delivered=pb.SecAggDelivered(ciphertexts=delivered))
+            with _status_from_errors(context, rpc):
+                survivors = secure.survivors(round, client, alive)
+            yield pb.SecAggServerMessage(survivors=secagg_codec.names_to_proto(survivors))
+            if client not in survivors:
+                return  # its masked update did not make the round
+            with _status_from_errors(context, rpc):
+                _step(requests, "confirm")
+                secure.confirm(round, client)
+                included, dropped = secure.included(round, client, alive)
+            yield pb.SecAggServerMessage(included=secagg_codec.included_to_proto(included,
+                                                                                 dropped))
+            with _status_from_errors(context, rpc):
+                reveal = secagg_codec.reveal_from_proto(_step(requests, "reveal").reveal)
+                secure.reveal(round, client, reveal)
+                updates, total = secure.done(round, client, alive)
+            yield pb.SecAggServerMessage(done=pb.SecAggDone(num_updates=updates,
+                                                             total_examples=total))
+        finally:
+            secure.left(round, client)
+
+    def _secure_rounds(self) -> SecureRounds:
+        secure = self._coordinator.secure
+        if secure is None:
+            raise SecAggOrderError("this server does not run secure aggregation "
+                                   "(serve --secagg)")
+        return secure
+
     def _wait(self, client_id: str, round: int, context: grpc.ServicerContext) -> GlobalModel:
         """The model of `round`, waiting at the barrier while the call lives.
         Raises WaitTimeoutError when the call's deadline passes first."""
@@ -249,7 +300,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def _header(self, message: pb.UpdateHeader) -> codec.UpdateHeader:
         # The spec count first: 100,000 specs are refused before any is decoded.
-        return codec.update_header_from_proto(message, self._coordinator.specs)
+        return codec.update_header_from_proto(message, self._coordinator.update_specs)
 
     def _unary_update(self, request: wire.Parts[pb.UpdateHeader],
                       ) -> tuple[codec.UpdateHeader, memoryview]:
@@ -273,6 +324,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         message = wire.encode(codec.model_header_to_proto(model.header), [model.payload])
         self._last_message = (model, message)
         return message
+
+
+def _step(requests: Iterator[pb.SecAggClientMessage | wire.Unparseable],
+          step: str) -> pb.SecAggClientMessage:
+    """The next message of a secure-aggregation stream, which must be `step`."""
+    message = next(requests, None)
+    if isinstance(message, wire.Unparseable):
+        raise DecodeError(message.error)
+    if message is None:
+        raise SecAggOrderError(f"the stream ended where a {step} message was due")
+    if message.WhichOneof("step") != step:
+        raise SecAggOrderError(f"a {message.WhichOneof('step') or 'empty'} message where a "
+                               f"{step} message was due")
+    return message
 
 
 def _ack(accepted: Accepted[SpooledUpdate]) -> pb.SendUpdateResponse:
@@ -389,6 +454,33 @@ class _Guard:
 
         return handle
 
+    def stream_both(self, rpc: str,
+                    behavior: Callable[[Iterator[Any], grpc.ServicerContext], Iterator[M]],
+                    ) -> Callable[[Iterator[Any], grpc.ServicerContext], Iterator[M]]:
+        def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[M]:
+            principal = self._admit(context, rpc, upload=True)
+            watch = self.watchdog.watch(context.cancel)
+            try:
+                yield from behavior(_first_checked(requests, principal, watch), context)
+            finally:
+                watch.close()
+                self.counter.exit(principal, upload=True)
+
+        return handle
+
+
+def _first_checked(requests: Iterator[Any], principal: str | None,
+                   watch: security.Watch) -> Iterator[Any]:
+    """A long-lived stream's messages: only the first one is due promptly
+    (the idle watch ends with it), and it must name the caller."""
+    first = True
+    for request in requests:
+        if first:
+            watch.close()
+            security.check_identity(principal, security.claimed_name(request))
+            first = False
+        yield request
+
 
 def _checked_stream(requests: Iterator[Any], principal: str | None,
                     watch: security.Watch) -> Iterator[Any]:
@@ -416,6 +508,7 @@ def _method_handlers(servicer: ParameterServerServicer, guard: _Guard,
     model_request = wire.lenient(pb.GetAveragedModelRequest)
     next_round = wire.lenient(pb.NextRoundRequest)
     report = wire.lenient(pb.EvaluationReport)
+    secure = wire.lenient(pb.SecAggClientMessage)
     unary, stream_in, stream_out = guard.unary, guard.stream_in, guard.stream_out
     return {
         "RegisterClient": grpc.unary_unary_rpc_method_handler(
@@ -441,6 +534,9 @@ def _method_handlers(servicer: ParameterServerServicer, guard: _Guard,
         "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
             unary("ReportEvaluation", servicer.ReportEvaluation), report,
             pb.EvaluationAck.SerializeToString),
+        "SecureAggregation": grpc.stream_stream_rpc_method_handler(
+            guard.stream_both("SecureAggregation", servicer.SecureAggregation), secure,
+            pb.SecAggServerMessage.SerializeToString),
     }
 
 

@@ -405,6 +405,17 @@ class BarrierMachine(RuleBasedStateMachine):
         model.last_cohort_size = len(model.cohort)
         model.next_round(now)
 
+    @precondition(lambda self: self.model is not None and self.md.phase is Phase.AGGREGATING)
+    @rule()
+    def abort_aggregation(self) -> None:
+        """Secure aggregation lost too many clients: the round is aborted, the
+        model stays, the next round begins (as after a deadline abort)."""
+        model, now = self.md, self.clock()
+        aborted = self.m.aggregation_aborted(model.open_round, now)
+        assert aborted.round == model.open_round
+        assert {u.client_id for u in aborted.discarded} == set(model.sent)
+        model.next_round(now)
+
     @rule(delta=st.integers(-2, 2))
     def publish_out_of_turn(self, delta: int) -> None:
         """Publishing any round but a closed one is a transport bug: refused."""
@@ -583,6 +594,9 @@ TRANSITIONS: dict[tuple[Phase, str], frozenset[Phase]] = {
     (Phase.FINISHED, "register"): frozenset({Phase.FINISHED}),
     (Phase.AGGREGATING, "publish"):
         frozenset({Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS, Phase.FINISHED}),
+    # An aggregation that cannot finish: the round is aborted, the next begins.
+    (Phase.AGGREGATING, "abort"):
+        frozenset({Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS, Phase.FINISHED}),
     (Phase.COLLECTING, "deadline"):
         frozenset({Phase.AGGREGATING, Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS,
                    Phase.FINISHED}),
@@ -659,7 +673,7 @@ def check_outcome(machine: RoundMachine[str], phase: Phase, what: str, before: S
                   open_round: int, result: object, error: ParamServerError | None) -> None:
     if error is not None:
         assert snapshot(machine) == before, f"{error!r} changed the state"
-        if what in ("publish", "deadline"):
+        if what in ("publish", "deadline", "abort"):
             assert isinstance(error, IllegalTransitionError), repr(error)
         elif what == "register":
             assert isinstance(error, InvalidClientNameError | CapacityError), repr(error)
@@ -668,7 +682,7 @@ def check_outcome(machine: RoundMachine[str], phase: Phase, what: str, before: S
                 f"submit while {phase}: {error!r}")
         return
     if snapshot(machine) == before:  # a no-op: a known name, a duplicate, an early tick
-        assert what != "publish"
+        assert what not in ("publish", "abort")
         if isinstance(result, Accepted):
             assert result.duplicate
         return
@@ -677,7 +691,10 @@ def check_outcome(machine: RoundMachine[str], phase: Phase, what: str, before: S
     assert machine.phase in allowed, f"{phase} --{what}--> {machine.phase}"
     if what == "publish":
         assert machine.published_round == open_round
-    if what in ("publish", "deadline") and machine.phase is not Phase.AGGREGATING:
+    if what == "abort":
+        assert isinstance(result, Aborted)
+        assert machine.published_round == before[7]  # the snapshot's published_round
+    if what in ("publish", "deadline", "abort") and machine.phase is not Phase.AGGREGATING:
         assert machine.open_round == open_round + 1
     else:
         assert machine.open_round == open_round
@@ -708,6 +725,9 @@ def test_every_phase_event_pair(phase: Phase, event: Event, data: st.DataObject)
         late = data.draw(st.floats(0, 2 * TIMEOUT), label="after opening")
         now = (machine.opened_at or 0.0) + late if deadline is None else deadline + late - TIMEOUT
         call = partial(machine.tick, now)
+    elif event.value == "abort":
+        round = data.draw(st.integers(max(0, open_round - 1), open_round + 1), label="round")
+        call = partial(machine.aggregation_aborted, round, 100.0)
     else:
         raise AssertionError(f"no driver for {event}: extend this test")
     result, error = attempt(call)

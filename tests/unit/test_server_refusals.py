@@ -74,6 +74,9 @@ def raw(channel: grpc.Channel, method: str) -> Callable[[bytes], object]:
     if method == "GetAveragedModel":
         server_stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
         return lambda data: list(server_stream(data, timeout=TIMEOUT))
+    if method == "SecureAggregation":
+        both: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
+        return lambda data: list(both(iter([data]), timeout=TIMEOUT))
     unary: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
     return lambda data: unary(data, timeout=TIMEOUT)
 
@@ -96,7 +99,8 @@ METHODS = [m.name for m in wire.SERVICE.methods]
 MESSAGES = {"RegisterClient": "RegisterClientRequest", "SendUpdate": "SendUpdateRequest",
             "GetAveragedModel": "GetAveragedModelRequest", "SendUpdateUnary": "UpdateMessage",
             "GetAveragedModelUnary": "GetAveragedModelRequest", "ExchangeUnary": "UpdateMessage",
-            "NextRound": "NextRoundRequest", "ReportEvaluation": "EvaluationReport"}
+            "NextRound": "NextRoundRequest", "ReportEvaluation": "EvaluationReport",
+            "SecureAggregation": "SecAggClientMessage"}
 
 
 # -- bytes that do not parse ---------------------------------------------------------

@@ -51,7 +51,7 @@ class RegisterClientRequest(_message.Message):
     def __init__(self, client_name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class RegisterClientResponse(_message.Message):
-    __slots__ = ("client_id", "first_round", "total_rounds", "clients", "tensors", "model_round", "max_unary_payload", "min_clients", "round_timeout", "assigns_rounds", "config", "strategy")
+    __slots__ = ("client_id", "first_round", "total_rounds", "clients", "tensors", "model_round", "max_unary_payload", "min_clients", "round_timeout", "assigns_rounds", "config", "strategy", "secagg")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class RegisterClientResponse(_message.Message):
     ASSIGNS_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     first_round: int
     total_rounds: int
@@ -83,7 +84,154 @@ class RegisterClientResponse(_message.Message):
     assigns_rounds: bool
     config: _containers.ScalarMap[str, float]
     strategy: str
-    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ..., max_unary_payload: _Optional[int] = ..., min_clients: _Optional[int] = ..., round_timeout: _Optional[float] = ..., assigns_rounds: _Optional[bool] = ..., config: _Optional[_Mapping[str, float]] = ..., strategy: _Optional[str] = ...) -> None: ...
+    secagg: SecAggSettings
+    def __init__(self, client_id: _Optional[str] = ..., first_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., clients: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., model_round: _Optional[int] = ..., max_unary_payload: _Optional[int] = ..., min_clients: _Optional[int] = ..., round_timeout: _Optional[float] = ..., assigns_rounds: _Optional[bool] = ..., config: _Optional[_Mapping[str, float]] = ..., strategy: _Optional[str] = ..., secagg: _Optional[_Union[SecAggSettings, _Mapping]] = ...) -> None: ...
+
+class SecAggSettings(_message.Message):
+    __slots__ = ("bits", "frac_bits", "clip", "neighbours")
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    bits: int
+    frac_bits: int
+    clip: float
+    neighbours: int
+    def __init__(self, bits: _Optional[int] = ..., frac_bits: _Optional[int] = ..., clip: _Optional[float] = ..., neighbours: _Optional[int] = ...) -> None: ...
+
+class SecAggClientMessage(_message.Message):
+    __slots__ = ("advertise", "shares", "confirm", "reveal")
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
+    REVEAL_FIELD_NUMBER: _ClassVar[int]
+    advertise: SecAggAdvertise
+    shares: SecAggShares
+    confirm: SecAggConfirm
+    reveal: SecAggReveal
+    def __init__(self, advertise: _Optional[_Union[SecAggAdvertise, _Mapping]] = ..., shares: _Optional[_Union[SecAggShares, _Mapping]] = ..., confirm: _Optional[_Union[SecAggConfirm, _Mapping]] = ..., reveal: _Optional[_Union[SecAggReveal, _Mapping]] = ...) -> None: ...
+
+class SecAggServerMessage(_message.Message):
+    __slots__ = ("roster", "delivered", "survivors", "included", "done")
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    roster: SecAggRoster
+    delivered: SecAggDelivered
+    survivors: SecAggNames
+    included: SecAggIncluded
+    done: SecAggDone
+    def __init__(self, roster: _Optional[_Union[SecAggRoster, _Mapping]] = ..., delivered: _Optional[_Union[SecAggDelivered, _Mapping]] = ..., survivors: _Optional[_Union[SecAggNames, _Mapping]] = ..., included: _Optional[_Union[SecAggIncluded, _Mapping]] = ..., done: _Optional[_Union[SecAggDone, _Mapping]] = ...) -> None: ...
+
+class SecAggAdvertise(_message.Message):
+    __slots__ = ("client_id", "round", "c_public_key", "s_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    C_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    S_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    c_public_key: bytes
+    s_public_key: bytes
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., c_public_key: _Optional[bytes] = ..., s_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggRosterEntry(_message.Message):
+    __slots__ = ("client_id", "c_public_key", "s_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    C_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    S_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    c_public_key: bytes
+    s_public_key: bytes
+    def __init__(self, client_id: _Optional[str] = ..., c_public_key: _Optional[bytes] = ..., s_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggRoster(_message.Message):
+    __slots__ = ("clients", "threshold", "context", "graph_seed")
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
+    clients: _containers.RepeatedCompositeFieldContainer[SecAggRosterEntry]
+    threshold: int
+    context: bytes
+    graph_seed: bytes
+    def __init__(self, clients: _Optional[_Iterable[_Union[SecAggRosterEntry, _Mapping]]] = ..., threshold: _Optional[int] = ..., context: _Optional[bytes] = ..., graph_seed: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShares(_message.Message):
+    __slots__ = ("ciphertexts",)
+    class CiphertextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    ciphertexts: _containers.ScalarMap[str, bytes]
+    def __init__(self, ciphertexts: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggDelivered(_message.Message):
+    __slots__ = ("ciphertexts",)
+    class CiphertextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    ciphertexts: _containers.ScalarMap[str, bytes]
+    def __init__(self, ciphertexts: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggNames(_message.Message):
+    __slots__ = ("client_ids",)
+    CLIENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    client_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, client_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggConfirm(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SecAggIncluded(_message.Message):
+    __slots__ = ("included", "dropped")
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    included: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, included: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggReveal(_message.Message):
+    __slots__ = ("self_mask_shares", "key_shares")
+    class SelfMaskSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class KeySharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    self_mask_shares: _containers.ScalarMap[str, bytes]
+    key_shares: _containers.ScalarMap[str, bytes]
+    def __init__(self, self_mask_shares: _Optional[_Mapping[str, bytes]] = ..., key_shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggDone(_message.Message):
+    __slots__ = ("num_updates", "total_examples")
+    NUM_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    num_updates: int
+    total_examples: int
+    def __init__(self, num_updates: _Optional[int] = ..., total_examples: _Optional[int] = ...) -> None: ...
 
 class NextRoundRequest(_message.Message):
     __slots__ = ("client_id", "after_round")

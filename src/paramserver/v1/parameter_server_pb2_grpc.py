@@ -75,6 +75,11 @@ class ParameterServerStub:
                 request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.EvaluationAck.FromString,
                 _registered_method=True)
+        self.SecureAggregation = channel.stream_stream(
+                '/paramserver.v1.ParameterServer/SecureAggregation',
+                request_serializer=paramserver_dot_v1_dot_parameter__server__pb2.SecAggClientMessage.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.SecAggServerMessage.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -192,6 +197,38 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecureAggregation(self, request_iterator, context):
+        """Secure aggregation (serve --secagg; RegisterClientResponse.secagg is
+        set): one stream per client per round it trains in, after NextRound said
+        TRAIN. Bonawitz et al. 2017 with the consistency check:
+        client: advertise (its two X25519 public keys) -> server: roster (the
+        round's clients that advertised, the threshold t, the quantisation)
+        client: shares (its encrypted Shamir shares, one per other client)
+        -> server: delivered (the shares addressed to this client)
+        the client trains, quantises (weight applied), masks, and sends the
+        masked vector as its update: SendUpdate with the single tensor
+        "secagg.masked" (INT64, [length]; the bits of the uint64 vector mod
+        2^bits), num_examples 1 and no metrics (the weight travels masked).
+        server: survivors (the clients whose masked updates the round closed
+        with) -> client: confirm -> server: included (the survivors that
+        confirmed: their updates are summed; the others are dropped)
+        client: reveal (its shares of the included clients' self-mask seeds and
+        of the dropped clients' mask keys) -> server: done (the sum is
+        unmasked; fetch the global model of the round as usual).
+        The server only ever holds public keys, encrypted shares, masked vectors,
+        t or more shares of each included client's self-mask seed, of each
+        dropped client's mask key, and the unmasked sum. A client whose stream
+        ends before it confirmed is dropped; fewer than t clients at any step
+        abort the round (ABORTED, SecAggAbortedError: the global model stays,
+        re-sync with NextRound). A server restart aborts the open secure round
+        (the keys of that attempt live in the clients). Refusals: FAILED_PRECONDITION
+        (not a client of the open round, a step out of order), INVALID_ARGUMENT
+        (SecAggError: a key, share or message that does not fit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +271,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.EvaluationReport.FromString,
                     response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.EvaluationAck.SerializeToString,
+            ),
+            'SecureAggregation': grpc.stream_stream_rpc_method_handler(
+                    servicer.SecureAggregation,
+                    request_deserializer=paramserver_dot_v1_dot_parameter__server__pb2.SecAggClientMessage.FromString,
+                    response_serializer=paramserver_dot_v1_dot_parameter__server__pb2.SecAggServerMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -453,6 +495,33 @@ class ParameterServer:
             '/paramserver.v1.ParameterServer/ReportEvaluation',
             paramserver_dot_v1_dot_parameter__server__pb2.EvaluationReport.SerializeToString,
             paramserver_dot_v1_dot_parameter__server__pb2.EvaluationAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecureAggregation(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/paramserver.v1.ParameterServer/SecureAggregation',
+            paramserver_dot_v1_dot_parameter__server__pb2.SecAggClientMessage.SerializeToString,
+            paramserver_dot_v1_dot_parameter__server__pb2.SecAggServerMessage.FromString,
             options,
             channel_credentials,
             insecure,
