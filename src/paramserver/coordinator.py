@@ -319,6 +319,24 @@ class Coordinator:
             return codec.Plan(assignment.role.value, assignment.round, assignment.model_round,
                               dict(config), evaluate)
 
+    def withdraw(self, round: int, clients: frozenset[str]) -> None:
+        """Secure aggregation left `clients` out of round `round`'s key
+        exchange (or gave up on it): they cannot send for it, so the barrier
+        stops waiting for them (RoundMachine.withdraw). Idempotent: every
+        stream of the round may report it."""
+        with self._cond:
+            machine = self._machine
+            if machine.phase is not Phase.COLLECTING or round != machine.open_round:
+                return
+            outcome = machine.withdraw(clients, round, self._clock.now())
+            if isinstance(outcome, Aborted):
+                log.warning("round %d aborted: too few clients left in its secure "
+                            "aggregation", round)
+                self._spool.drop_round(round)
+                self._after_transition()
+            elif outcome is not None and outcome.closed is not None:
+                self._start_aggregation(outcome)
+
     def _settled(self, assignment: Assignment) -> bool:
         # A secure round trains only once its cohort is known (no early
         # updates: the keys are exchanged within the cohort first).

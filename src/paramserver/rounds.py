@@ -53,7 +53,10 @@ Rules, all of them here:
   published; then the next round opens, or the run is FINISHED after
   `total_rounds`. The transport may instead report that the aggregation
   cannot finish (secure aggregation lost too many clients): the round is
-  aborted like one that missed its quorum. A round after the first opens once
+  aborted like one that missed its quorum. Secure aggregation may also
+  withdraw cohort members that can no longer send (left out of its key
+  exchange): they become dropouts at once, and the round closes if everyone
+  left has sent. A round after the first opens once
   `min_clients` clients are active; until then the machine waits for clients
   again.
 - The same update (same digest) sent again for a round is a duplicate: counted
@@ -104,6 +107,7 @@ class Event(enum.Enum):
     PUBLISH = "publish"
     DEADLINE = "deadline"
     ABORT = "abort"
+    WITHDRAW = "withdraw"
 
 
 class IllegalTransitionError(ParamServerError):
@@ -268,6 +272,20 @@ class RoundMachine(Generic[P]):
         if round != self.open_round:
             raise IllegalTransitionError(f"published round {round}, open is {self.open_round}")
         self._dispatch(Event.PUBLISH, now)
+
+    def withdraw(self, clients: Iterable[str], round: int, now: float,
+                 ) -> Accepted[P] | Aborted[P] | None:
+        """Cohort members of the open round that can no longer send for it
+        (secure aggregation left them out of its key exchange) leave the
+        cohort as dropouts do at a deadline. If the rest are fewer than the
+        quorum the round is aborted; if they have all sent, it closes
+        (returned as by `submit`)."""
+        if round != self.open_round:
+            raise IllegalTransitionError(f"withdrew from round {round}, open is "
+                                         f"{self.open_round}")
+        outcome = self._dispatch(Event.WITHDRAW, frozenset(clients), now)
+        assert outcome is None or isinstance(outcome, Accepted | Aborted)
+        return outcome
 
     def aggregation_aborted(self, round: int, now: float) -> Aborted[P]:
         """The closed round cannot be aggregated (secure aggregation lost too
@@ -448,6 +466,21 @@ class RoundMachine(Generic[P]):
         self._next_round(now)
         return aborted
 
+    def _withdraw(self, clients: frozenset[str], now: float) -> Accepted[P] | Aborted[P] | None:
+        leaving = (self.cohort & clients) - self.received.keys()
+        if not leaving:
+            return None
+        self.cohort -= leaving
+        self.inactive |= leaving
+        if len(self.cohort) < self.min_clients:
+            aborted = Aborted(self.open_round, self._in_canonical_order())
+            self._next_round(now)
+            return aborted
+        if self.received.keys() >= self.cohort:
+            closed = self._close()
+            return Accepted(self.open_round, False, len(closed), len(self.cohort), closed)
+        return None
+
     def _abort_aggregation(self, now: float) -> Aborted[P]:
         aborted = Aborted(self.open_round, self._in_canonical_order())
         self._next_round(now)
@@ -567,6 +600,7 @@ _TRANSITIONS: dict[tuple[Phase, Event], Callable[..., object]] = {
     (Phase.AGGREGATING, Event.ABORT): RoundMachine._abort_aggregation,
     (Phase.WAITING_FOR_CLIENTS, Event.DEADLINE): RoundMachine._deadline_while_waiting,
     (Phase.COLLECTING, Event.DEADLINE): RoundMachine._deadline,
+    (Phase.COLLECTING, Event.WITHDRAW): RoundMachine._withdraw,
 }
 
 

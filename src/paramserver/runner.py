@@ -110,8 +110,10 @@ class _Run:
             faults.maybe_crash("client_before_upload", round)
             return self.model.state_dict(), result.num_examples, dict(result.metrics)
 
+        # No deadline on the stream: the server bounds each of its stages,
+        # and keepalive notices a server that is gone.
         outcome, metrics, weight = secure_train_and_send(
-            self.client, self.reg.client_id, round, self.reg.secagg, train, self.round_wait,
+            self.client, self.reg.client_id, round, self.reg.secagg, train, None,
             self.save_quantized)
         if outcome.included:
             self._sent.add(round)

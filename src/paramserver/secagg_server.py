@@ -180,6 +180,11 @@ class SecureRounds:
             return {sender: secure.boxes[sender][client] for sender in sorted(secure.senders)
                     if client in secure.boxes[sender]}
 
+    def senders(self, round: int) -> frozenset[str]:
+        """U2: the clients that shared keys (empty before the stage closed)."""
+        with self._cond:
+            return self._existing(round).senders
+
     def check_sender(self, round: int, client: str) -> None:
         """A masked update may come only from U2 of its round, in MASK."""
         with self._cond:

@@ -242,13 +242,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             secure.advertise(round, cohort, client, advert)
         alive = context.is_active
         try:
-            with _status_from_errors(context, rpc):
+            with _status_from_errors(context, rpc), self._withdrawn_on_abort(round, cohort):
                 roster = secure.roster(round, client, alive)
             yield pb.SecAggServerMessage(roster=secagg_codec.roster_to_proto(roster))
-            with _status_from_errors(context, rpc):
+            with _status_from_errors(context, rpc), self._withdrawn_on_abort(round, cohort):
                 shares = _step(requests, "shares").shares
                 secure.share(round, client, secagg_codec.boxes_from_proto(shares.ciphertexts))
                 delivered = secure.delivered(round, client, alive)
+            # Who did not share keys cannot send a masked update: the barrier
+            # stops waiting for them now rather than at the deadline.
+            self._coordinator.withdraw(round, cohort - secure.senders(round))
             yield pb.SecAggServerMessage(delivered=pb.SecAggDelivered(ciphertexts=delivered))
             with _status_from_errors(context, rpc):
                 survivors = secure.survivors(round, client, alive)
@@ -269,6 +272,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                                                              total_examples=total))
         finally:
             secure.left(round, client)
+
+    @contextlib.contextmanager
+    def _withdrawn_on_abort(self, round: int, cohort: frozenset[str]) -> Iterator[None]:
+        """A secure round that aborts during its key exchange takes the
+        round with it: nobody can send a masked update for it."""
+        try:
+            yield
+        except SecAggAbortedError:
+            self._coordinator.withdraw(round, cohort)
+            raise
 
     def _secure_rounds(self) -> SecureRounds:
         secure = self._coordinator.secure

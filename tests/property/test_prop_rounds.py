@@ -416,6 +416,32 @@ class BarrierMachine(RuleBasedStateMachine):
         assert {u.client_id for u in aborted.discarded} == set(model.sent)
         model.next_round(now)
 
+    @precondition(lambda self: self.model is not None and self.md.phase is Phase.COLLECTING)
+    @rule(data=st.data())
+    def withdraw(self, data: st.DataObject) -> None:
+        """Secure aggregation left some cohort members out of its key
+        exchange: they leave the cohort as dropouts; the round closes if the
+        rest have all sent and are a quorum."""
+        model, now = self.md, self.clock()
+        leaving = data.draw(st.sets(st.sampled_from(sorted(model.cohort | {"ghost"}))),
+                            label="leaving")
+        outcome = self.m.withdraw(leaving, model.open_round, now)
+        gone = (model.cohort & leaving) - set(model.sent)
+        model.cohort -= gone
+        model.inactive |= gone
+        if gone and len(model.cohort) < model.min_clients:  # can never reach its quorum
+            assert isinstance(outcome, Aborted)
+            assert {u.client_id for u in outcome.discarded} == set(model.sent)
+            model.next_round(now)
+        elif gone and set(model.sent) >= model.cohort:
+            model.phase = Phase.AGGREGATING
+            assert isinstance(outcome, Accepted)
+            assert outcome.closed == model.closed_updates()
+            self.closed_rounds.append(model.open_round)
+            self.closed_at_deadline = False
+        else:
+            assert outcome is None
+
     @rule(delta=st.integers(-2, 2))
     def publish_out_of_turn(self, delta: int) -> None:
         """Publishing any round but a closed one is a transport bug: refused."""
@@ -594,6 +620,11 @@ TRANSITIONS: dict[tuple[Phase, str], frozenset[Phase]] = {
     (Phase.FINISHED, "register"): frozenset({Phase.FINISHED}),
     (Phase.AGGREGATING, "publish"):
         frozenset({Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS, Phase.FINISHED}),
+    # Members that can no longer send leave: the round may close.
+    # (Below quorum, the round is aborted and the next one begins.)
+    (Phase.COLLECTING, "withdraw"):
+        frozenset({Phase.COLLECTING, Phase.AGGREGATING, Phase.WAITING_FOR_CLIENTS,
+                   Phase.FINISHED}),
     # An aggregation that cannot finish: the round is aborted, the next begins.
     (Phase.AGGREGATING, "abort"):
         frozenset({Phase.COLLECTING, Phase.WAITING_FOR_CLIENTS, Phase.FINISHED}),
@@ -673,7 +704,7 @@ def check_outcome(machine: RoundMachine[str], phase: Phase, what: str, before: S
                   open_round: int, result: object, error: ParamServerError | None) -> None:
     if error is not None:
         assert snapshot(machine) == before, f"{error!r} changed the state"
-        if what in ("publish", "deadline", "abort"):
+        if what in ("publish", "deadline", "abort", "withdraw"):
             assert isinstance(error, IllegalTransitionError), repr(error)
         elif what == "register":
             assert isinstance(error, InvalidClientNameError | CapacityError), repr(error)
@@ -694,7 +725,9 @@ def check_outcome(machine: RoundMachine[str], phase: Phase, what: str, before: S
     if what == "abort":
         assert isinstance(result, Aborted)
         assert machine.published_round == before[7]  # the snapshot's published_round
-    if what in ("publish", "deadline", "abort") and machine.phase is not Phase.AGGREGATING:
+    if what == "withdraw":  # aborted below quorum: the next round; else the same
+        assert machine.open_round == open_round + isinstance(result, Aborted)
+    elif what in ("publish", "deadline", "abort") and machine.phase is not Phase.AGGREGATING:
         assert machine.open_round == open_round + 1
     else:
         assert machine.open_round == open_round
@@ -725,6 +758,10 @@ def test_every_phase_event_pair(phase: Phase, event: Event, data: st.DataObject)
         late = data.draw(st.floats(0, 2 * TIMEOUT), label="after opening")
         now = (machine.opened_at or 0.0) + late if deadline is None else deadline + late - TIMEOUT
         call = partial(machine.tick, now)
+    elif event.value == "withdraw":
+        round = data.draw(st.integers(max(0, open_round - 1), open_round + 1), label="round")
+        leaving = data.draw(st.sets(st.sampled_from([*known, "ghost"])), label="leaving")
+        call = partial(machine.withdraw, leaving, round, 100.0)
     elif event.value == "abort":
         round = data.draw(st.integers(max(0, open_round - 1), open_round + 1), label="round")
         call = partial(machine.aggregation_aborted, round, 100.0)
