@@ -33,6 +33,7 @@ from paramserver.config import ServerConfig
 from paramserver.runner import ClientSummary, RoundReport
 from paramserver.runner import run_client as _run_client
 from paramserver.sampling import Sampling
+from paramserver.security import ClientCredentials
 from paramserver.server import RunningServer, create_server
 from paramserver.task import Task
 from paramserver.tasks import TaskContext, TaskFactory, evaluator
@@ -150,11 +151,13 @@ def serve(model: nn.Module | StateDict, *, clients: int, rounds: int,
 
 def run_client(address: str, task: Task, name: str, *, rounds: int = 0,
                round_wait: float = 600.0, timeout: float = 60.0,
-               on_round: Callable[[RoundReport], None] | None = None) -> ClientSummary:
+               on_round: Callable[[RoundReport], None] | None = None,
+               credentials: ClientCredentials | None = None) -> ClientSummary:
     """Runs the client `name` of `task` against the server at `address`
     until the run ends; returns its summary (the digest of every global
-    model its updates went into)."""
-    with ParameterServerClient(address, timeout=timeout) as client:
+    model its updates went into). `credentials`: TLS, a client certificate,
+    a bearer token (security.ClientCredentials)."""
+    with ParameterServerClient(address, timeout=timeout, credentials=credentials) as client:
         return _run_client(client, task, name, rounds=rounds, round_wait=round_wait,
                            on_round=on_round)
 

@@ -93,3 +93,21 @@ def test_fewer_than_the_threshold_abort_the_round_clearly(
         assert "aborted" in client.log()
         assert client.summary()["rounds"] == {}, client.log()  # no model averaged it
     assert server.rounds() == []
+
+
+@pytest.mark.timeout(300)
+def test_secagg_plus_on_a_sparse_graph_sums_exactly(
+        server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path) -> None:
+    """SecAgg+ (each client masks with and shares to 2 neighbours of 5): the
+    model is still the exact FedAvg of the quantised updates."""
+    server = server_factory("--secagg", "--secagg-neighbours", "2", "--round-timeout", "60",
+                            "--linger", "5", clients=5, rounds=1)
+    saved = tmp_path / "quantized"
+    names = [f"c{i}" for i in range(1, 6)]
+    clients = [client_factory(name, server, "--save-quantized", str(saved)) for name in names]
+    for client in clients:
+        assert client.wait(EXIT_TIMEOUT) == 0, client.log()
+    [record] = server.wait_for_rounds(1)
+    vectors = [np.load(saved / f"{name}-round-1.npy", allow_pickle=False) for name in names]
+    assert record["num_updates"] == 5
+    assert record["sha256"] == fedavg_of_quantized(vectors, Quantization())

@@ -75,3 +75,21 @@ def test_plot_draws_several_runs_in_one_chart(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(results.ResultsError, match="not a run directory"):
         results.plot([tmp_path / "nothing"], tmp_path / "x.png")
+
+
+def test_secure_aggregation_in_process_is_close_to_plain_fedavg(tmp_path: Path) -> None:
+    """The same run with and without secure aggregation, in-process: the
+    models differ only by the fixed-point quantisation (2**-24 here). (That
+    the secure model is exactly the dequantised sum of the clients'
+    quantised updates is checked with real processes in the integration
+    tests.)"""
+    from paramserver.config import SecAggSettings
+    from paramserver.quantize import Quantization
+
+    plain = ps.run_experiment(small_task(), clients=3, rounds=1, seed=1)
+    secure = ps.run_experiment(small_task(), clients=3, rounds=1, seed=1,
+                               secagg=SecAggSettings(Quantization()), round_timeout=60.0)
+    assert secure.rounds[0].num_updates == 3
+    for name, value in plain.final_state_dict.items():
+        assert torch.allclose(secure.final_state_dict[name], value, atol=2**-20), name
+    assert secure.final_sha256 != plain.final_sha256  # quantised, so not bit-equal
