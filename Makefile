@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
-.PHONY: demo test stress-test lint types drift unit property integration bench soak chaos proto clean
+.PHONY: demo test stress-test lint types drift unit property integration bench soak chaos fuzz proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ soak: $(STAMP)
 # The chaos cases of tests/integration/test_chaos.py, repeated.
 chaos: $(STAMP)
 	$(BIN)/python benchmarks/chaos.py --repeat 5
+
+# The fuzz targets of tests/property with 2,000 examples each (new ones on every run).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PYTEST) tests/property/test_fuzz_decoders.py --timeout 3000
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

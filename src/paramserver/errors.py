@@ -168,6 +168,12 @@ class ShuttingDownError(ParamServerError):
         super().__init__("server is shutting down; retry")
 
 
+class CredentialsUnavailableError(ParamServerError):
+    """The server cannot read its enrolled clients (a damaged tokens.json):
+    every call is refused until its operator repairs the file, which the
+    server re-reads at the next call. Retry later."""
+
+
 class StorageError(ParamServerError):
     """The state dir cannot be written (full, read-only, I/O error). Nothing
     was acknowledged: send the identical update again (if it had been counted

@@ -19,8 +19,8 @@ Does file I/O through StateDir and Spool; must not import grpc.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from paramserver.codec import ModelSpec
 from paramserver.errors import ParamServerError
 from paramserver.rounds import LastRound, RoundTiming
 from paramserver.spool import Spool, SpooledUpdate, read_update_header
-from paramserver.state import StateDir
+from paramserver.state import StateDir, StateDirError, corrupt, read_json
 
 log = logging.getLogger("paramserver.journal")
 
@@ -98,7 +98,7 @@ class Journal:
         cohort = _load_cohort(directory)
         closed = directory / CLOSED_FILE
         if closed.exists():  # closed before the crash: exactly those updates
-            cohort = frozenset(json.loads(closed.read_text())["clients"])
+            cohort = _names(closed, "clients")
         timing = RoundTiming(_load_fastest(directory),
                              _load_fastest(self._spool.round_dir(published)))
         return Resume(open_round, cohort, self._spool.load_round(open_round, specs),
@@ -122,14 +122,27 @@ class Journal:
 
 def _load_fastest(directory: Path) -> float | None:
     try:
-        value = json.loads((directory / TIMING_FILE).read_text())["fastest"]
-    except (OSError, ValueError, KeyError, TypeError):
+        document = read_json(directory / TIMING_FILE)
+    except (OSError, StateDirError):
         return None  # none recorded, or torn: it was not fsynced
-    return float(value) if isinstance(value, int | float) and value >= 0 else None
+    value = document.get("fastest") if isinstance(document, dict) else None
+    if type(value) is int:
+        value = float(min(value, 2**53))  # a float() of a huge int overflows
+    return value if isinstance(value, float) and 0 <= value < math.inf else None
 
 
 def _load_cohort(directory: Path) -> frozenset[str] | None:
     path = directory / COHORT_FILE
     if not path.exists():
         return None
-    return frozenset(json.loads(path.read_text())["cohort"])
+    return _names(path, "cohort")
+
+
+def _names(path: Path, key: str) -> frozenset[str]:
+    """The client names a cohort or closed file lists under `key`."""
+    document = read_json(path)
+    names = document.get(key) if isinstance(document, dict) else None
+    # A round never opens (or closes) with nobody in it.
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise corrupt(path, f"no list of client names under {key!r}")
+    return frozenset(names)

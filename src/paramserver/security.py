@@ -37,8 +37,13 @@ import grpc
 from paramserver import wire
 from paramserver.clock import Clock, SystemClock
 from paramserver.config import Limits
-from paramserver.errors import LimitExceededError, PermissionDeniedError, UnauthenticatedError
-from paramserver.tokens import TokenStore
+from paramserver.errors import (
+    CredentialsUnavailableError,
+    LimitExceededError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from paramserver.tokens import TokenFileError, TokenStore
 from paramserver.v1 import parameter_server_pb2 as pb
 
 log = logging.getLogger("paramserver.security")
@@ -96,7 +101,13 @@ class Tokens:
         if token is None:
             raise UnauthenticatedError(f"no '{AUTH_METADATA}: {BEARER}NAME:SECRET' metadata "
                                        "(paramserver client --token-file)")
-        name = self.store.verify(token)
+        try:
+            name = self.store.verify(token)
+        except TokenFileError as error:
+            # The details (the path) go to the operator, not to the caller.
+            log.error("%s; every call is refused until it is repaired", error)
+            raise CredentialsUnavailableError(
+                "the server cannot check credentials now; retry later") from None
         if name is None:
             raise UnauthenticatedError("the token is not valid")
         return name

@@ -29,7 +29,7 @@ import torch
 from paramserver import codec
 from paramserver.aggregation import Driver
 from paramserver.codec import ModelSpec, payload_size, tensor_view
-from paramserver.errors import DecodeError
+from paramserver.errors import DecodeError, MalformedUpdateError
 from paramserver.strategies import FedAvg
 from paramserver.v1 import parameter_server_pb2 as pb
 
@@ -181,7 +181,10 @@ def read_update(path: Path, specs: ModelSpec) -> SpooledUpdate:
     """Parses and verifies an update file. Raises DecodeError, OSError."""
     with open(path, "rb") as f:
         header, offset = _read_header(f, path)
-        codec.check_specs_match(header.specs, specs)
+        try:
+            codec.check_specs_match(header.specs, specs)
+        except MalformedUpdateError as error:  # as any other corrupt file: discarded
+            raise DecodeError(f"{path.name}: {error}") from None
         digest = hashlib.sha256()
         size = 0
         while chunk := f.read(1 << 20):

@@ -152,7 +152,7 @@ class StateDir:
         another one (a different initial model), so nothing is mixed."""
         path = self.root / RUN_FILE
         if path.exists():
-            stored = json.loads(path.read_text())
+            stored = read_json(path)
             if stored != dict(run):
                 raise StateDirError(
                     f"state dir {self.root} holds another run ({stored}); use another "
@@ -226,11 +226,30 @@ class StateDir:
         path = self.root / CLIENTS_FILE
         if not path.exists():
             return {}
-        return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        clients = read_json(path)
+        if not isinstance(clients, dict) or not all(
+                isinstance(k, str) and type(v) is int for k, v in clients.items()):
+            raise corrupt(path, "not an object of client names to numbers")
+        return clients
 
     def write_json(self, path: Path, value: object, durable: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(value).encode(), self.durable and durable)
+
+
+def read_json(path: Path) -> object:
+    """The JSON document in a state-dir file. StateDirError naming the file if
+    it is not one (edited, or damaged on disk: every file is written
+    atomically, so a crash alone never tears one)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise corrupt(path, f"not JSON: {str(error)[:120]}") from None
+
+
+def corrupt(path: Path, what: str) -> StateDirError:
+    return StateDirError(f"{path} is corrupt ({what}); restore or remove it, or start "
+                         "afresh with --fresh")
 
 
 def _model_file(header: codec.ModelHeader, payload: bytes | bytearray) -> list[Buffer]:

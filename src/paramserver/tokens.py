@@ -118,7 +118,7 @@ class TokenStore:
                     for name, e in raw["clients"].items()}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
             raise TokenFileError(f"cannot read the enrolled clients from {self.path}: "
                                  f"{error}") from None
 

@@ -524,3 +524,60 @@ def test_fresh_never_empties_a_directory_that_is_not_a_state_dir(tmp_path: Path)
     with pytest.raises(state.StateDirError, match="not a paramserver state dir"):
         Coordinator(ServerConfig(state_dir=precious, fresh=True), MODEL)
     assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def stopped_in_round_one(tmp_path: Path) -> ServerConfig:
+    """The config of a server that stopped in round 1 with a's update."""
+    config = ServerConfig(clients=2, state_dir=tmp_path / "s", durable=False)
+    first = Coordinator(config, MODEL)
+    first.register("a")
+    first.register("b")
+    send(first, "a", 1, 1.0)
+    first.close()
+    return config
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("clients.json", b"[1, 2]"),
+    ("clients.json", b'{"a": "x"}'),
+    ("run.json", b"\xff\xfe not json"),
+    ("run.json", b"[" * 100_000),
+    ("updates/round-00000001/cohort.json", b'{"round": 1, "cohort": []}'),
+    ("updates/round-00000001/cohort.json", b'{"round": 1, "cohort": 7}'),
+    ("updates/round-00000001/closed.json", b'{"round": 1}'),
+    ("updates/round-00000001/closed.json", b'{"round": 1, "clients": []}'),
+])
+def test_a_damaged_resume_file_is_refused_naming_it(tmp_path: Path, name: str,
+                                                    content: bytes) -> None:
+    """Found by tests/property/test_fuzz_decoders.py: these escaped as
+    JSONDecodeError, AttributeError, RecursionError, or (an empty closed
+    cohort) failed the aggregation of a round with no updates."""
+    config = stopped_in_round_one(tmp_path)
+    (tmp_path / "s" / name).write_bytes(content)
+    with pytest.raises(state.StateDirError, match=f"{name.rsplit('/', 1)[-1]} is corrupt"):
+        Coordinator(config, MODEL)
+
+
+def test_a_damaged_timing_file_only_loses_the_timing(tmp_path: Path) -> None:
+    config = stopped_in_round_one(tmp_path)
+    (tmp_path / "s" / "updates/round-00000001/timing.json").write_bytes(
+        b'{"round": 1, "fastest": ' + b"9" * 400 + b"}")
+    second = Coordinator(config, MODEL)
+    try:
+        assert_still_counted(second, "a", 1, 1.0, "the acknowledged update was lost")
+    finally:
+        second.close(timeout=5)
+
+
+def test_an_update_file_of_another_model_is_discarded_on_resume(tmp_path: Path) -> None:
+    config = stopped_in_round_one(tmp_path)
+    path = tmp_path / "s" / "updates/round-00000001/a.update"
+    other = codec.UpdateHeader("a", 1, 1, codec.spec_of({"w": torch.zeros(6)}), bytes(32))
+    encoded = codec.update_header_to_proto(other).SerializeToString()
+    path.write_bytes(spool.UPDATE_MAGIC + len(encoded).to_bytes(4, "little") + encoded)
+    second = Coordinator(config, MODEL)  # raised MalformedUpdateError before
+    try:
+        assert second.check_submit(update("a", 1, 1.0)[0]) is None
+        assert not path.exists()
+    finally:
+        second.close(timeout=5)

@@ -14,6 +14,7 @@ from unit_fakes import FakeClock
 from paramserver import certs, cli, security
 from paramserver.config import Limits
 from paramserver.errors import (
+    CredentialsUnavailableError,
     InvalidClientNameError,
     LimitExceededError,
     PermissionDeniedError,
@@ -87,6 +88,22 @@ def test_tokens_stay_on_once_enrolled(tmp_path: Path) -> None:
     store.remove("alice")  # an emptied file locks everyone out, it does not open up
     assert isinstance(security.authenticator_for(False, tmp_path), security.Tokens)
     assert isinstance(security.authenticator_for(True, tmp_path), security.Certificates)
+
+
+@pytest.mark.parametrize("damage", [b"{", b"[" * 100_000, b'{"clients": []}'])
+def test_a_damaged_token_file_refuses_every_call_until_repaired(tmp_path: Path,
+                                                                damage: bytes) -> None:
+    store = TokenStore(tmp_path)
+    token = store.add("alice")
+    good = store.path.read_bytes()
+    authenticator = security.authenticator_for(False, tmp_path)
+    metadata = [(security.AUTH_METADATA, security.BEARER + token)]
+    store.path.write_bytes(damage)
+    with pytest.raises(CredentialsUnavailableError) as refused:
+        authenticator.principal(metadata, {})
+    assert str(tmp_path) not in str(refused.value), "the caller learns the server's paths"
+    store.path.write_bytes(good + b" ")  # repaired (a new size: the reload sees it)
+    assert authenticator.principal(metadata, {}) == "alice"
 
 
 def test_fresh_keeps_the_enrolled_clients(tmp_path: Path) -> None:
