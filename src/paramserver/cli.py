@@ -13,11 +13,17 @@ finished; 130 interrupted (Ctrl-C).
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core prints its own lines (a failed bind, say) beside ours, which
+# already say what went wrong: quiet unless asked for. It reads the variable
+# once, when grpc is first imported, so this runs before the imports below.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import argparse
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -418,9 +424,6 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # gRPC's C core prints its own lines (a failed bind, say) beside ours,
-    # which already say what went wrong: quiet unless asked for.
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     _configure_logging(args)
     torch.set_num_threads(1)  # many processes share few cores; also keeps runs reproducible
     commands = {"serve": run_serve, "client": run_client, "demo": run_demo, "bench": run_bench,

@@ -17,8 +17,9 @@ from paramserver.errors import ParamServerError
 CRASH_ENV = "PARAMSERVER_TEST_CRASH_AT"
 SERVER_POINTS = ("before_ack", "after_ack", "during_aggregation", "during_model_write",
                  "after_publish")
-CLIENT_POINTS = ("client_before_upload", "client_during_upload", "client_after_upload",
-                 "client_after_masked")
+CLIENT_POINTS = ("client_before_upload", "client_during_upload", "client_after_upload")
+SECURE_CLIENT_POINTS = ("client_after_masked",)  # reached only in a --secagg round
+ALL_POINTS = SERVER_POINTS + CLIENT_POINTS + SECURE_CLIENT_POINTS
 
 log = logging.getLogger("paramserver.faults")
 
@@ -30,10 +31,10 @@ def crash_point() -> tuple[str, int] | None:
     if not value:
         return None
     point, _, round = value.partition(":")
-    if point not in SERVER_POINTS + CLIENT_POINTS or not round.isdigit():
+    if point not in ALL_POINTS or not round.isdigit():
         raise ParamServerError(
             f"{CRASH_ENV}={value!r}: expected <point>:<round> with a point from "
-            f"{SERVER_POINTS + CLIENT_POINTS}")
+            f"{ALL_POINTS}")
     log.warning("test build: will SIGKILL itself at %s of round %s", point, round)
     return point, int(round)
 

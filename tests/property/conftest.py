@@ -3,7 +3,7 @@
 Pick one with the environment variable HYPOTHESIS_PROFILE (default "dev"):
 
 - dev:   50 examples per test, for the edit-test loop.
-- ci:    200 examples, derandomized (the same examples on every run, so CI is
+- ci:    150 examples, derandomized (the same examples on every run, so CI is
          reproducible) and printing the reproduction blob of a failure.
 - fuzz:  2,000 examples, new ones on every run (`make fuzz`: the fuzz
          targets of test_fuzz_decoders.py, longer).
@@ -29,7 +29,7 @@ from hypothesis import Verbosity, settings
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile(
-    "ci", max_examples=200, deadline=None, derandomize=True, print_blob=True,
+    "ci", max_examples=150, deadline=None, derandomize=True, print_blob=True,
 )
 settings.register_profile("fuzz", max_examples=2000, deadline=None, print_blob=True)
 settings.register_profile("debug", max_examples=50, deadline=None, verbosity=Verbosity.verbose)

@@ -14,7 +14,7 @@ Inputs are arbitrary bytes and, since random bytes rarely get past the first
 check, structure-aware ones: a valid message, file or JSON document with a few
 fields or bytes changed (`mutated`, `mutated_bytes`, `json_files`).
 
-Budget: a target runs the profile's max_examples (ci: 200, derandomized;
+Budget: a target runs the profile's max_examples (ci: 150, derandomized;
 fuzz: `make fuzz`, 2,000, new inputs each run); the expensive ones (a state
 dir resumed, a real server) a fraction of it (`scaled`). What these targets
 found is fixed where it lived (state.read_json, journal._names, spool.read_update,
