@@ -164,8 +164,7 @@ def update_header_from_proto(msg: pb.UpdateHeader,
     MalformedUpdateError if the number of specs differs from the model's."""
     if expected is not None:
         check_spec_count(msg.tensors, expected)
-    if not 1 <= msg.num_examples <= MAX_NUM_EXAMPLES:
-        raise DecodeError(f"num_examples must be in 1..{MAX_NUM_EXAMPLES}, got {msg.num_examples}")
+    _check_num_examples(msg.num_examples)
     return UpdateHeader(
         client_id=msg.client_id, round=msg.round, num_examples=msg.num_examples,
         specs=specs_from_proto(msg.tensors), sha256=_digest_from_proto(msg.sha256),
@@ -233,10 +232,14 @@ def evaluation_report_to_proto(report: EvaluationReport) -> pb.EvaluationReport:
                                num_examples=report.num_examples, metrics=dict(report.metrics))
 
 
+def _check_num_examples(num_examples: int) -> None:
+    if not 1 <= num_examples <= MAX_NUM_EXAMPLES:
+        raise DecodeError(f"num_examples must be in 1..{MAX_NUM_EXAMPLES}, got {num_examples}")
+
+
 def evaluation_report_from_proto(msg: pb.EvaluationReport) -> EvaluationReport:
     """Raises DecodeError for num_examples outside 1..2^40 or a non-finite metric."""
-    if not 1 <= msg.num_examples <= MAX_NUM_EXAMPLES:
-        raise DecodeError(f"num_examples must be in 1..{MAX_NUM_EXAMPLES}, got {msg.num_examples}")
+    _check_num_examples(msg.num_examples)
     return EvaluationReport(msg.client_id, msg.round, msg.num_examples,
                             _metrics_from_proto(msg.metrics))
 

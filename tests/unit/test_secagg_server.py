@@ -78,13 +78,20 @@ def unmask_stage(secure: SecureRounds, client: SecAggClient) -> tuple[int, int]:
     return secure.done(1, client.name, always)
 
 
-def test_a_round_with_everyone_sums_exactly() -> None:
+def keys_exchanged() -> tuple[SecureRounds, dict[str, SecAggClient], dict[str, dict[str, bytes]]]:
+    """Round 1 of the whole cohort past the key exchange: the server's
+    rounds, the clients, and the boxes each client was delivered."""
     secure = SecureRounds(SecAggSettings(Q, stage_timeout=60.0), FakeClock())
     clients = {c: SecAggClient(c, b"unused", Q) for c in sorted(COHORT)}
     streams = [Stream(partial(keys_stage, secure, c)) for c in clients.values()]
     for s in streams:
         s.start()
     delivered = {s.outcome()[0].name: s.outcome()[1] for s in streams}
+    return secure, clients, delivered
+
+
+def test_a_round_with_everyone_sums_exactly() -> None:
+    secure, clients, delivered = keys_exchanged()
     assert secure.senders(1) == COHORT
     masked = {c: clients[c].mask(v, delivered[c]) for c, v in vectors().items()}
     finishing = [Stream(partial(unmask_stage, secure, c)) for c in clients.values()]
@@ -97,12 +104,7 @@ def test_a_round_with_everyone_sums_exactly() -> None:
 
 
 def test_a_client_that_never_confirms_is_dropped_and_its_masks_removed() -> None:
-    secure = SecureRounds(SecAggSettings(Q, stage_timeout=60.0), FakeClock())
-    clients = {c: SecAggClient(c, b"unused", Q) for c in sorted(COHORT)}
-    streams = [Stream(partial(keys_stage, secure, c)) for c in clients.values()]
-    for s in streams:
-        s.start()
-    delivered = {s.outcome()[0].name: s.outcome()[1] for s in streams}
+    secure, clients, delivered = keys_exchanged()
     masked = {c: clients[c].mask(v, delivered[c]) for c, v in vectors().items()}
     # "d" sent its masked vector, then its stream ended before confirming.
     finishing = [Stream(partial(unmask_stage, secure, clients[c])) for c in "abc"]
